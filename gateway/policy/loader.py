@@ -1,0 +1,312 @@
+"""Load policy files (YAML holding CEL) into a compiled PolicySet.
+
+Every problem is reported with its file, line and column (1-based); one bad
+expression rejects the whole set, so a partially loaded policy never enforces.
+The only I/O here is reading the files; compilation itself is pure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway import celexpr
+from gateway.policy.engine import CompiledPolicy, CompiledRule, PolicySet
+
+POLICY_SUFFIXES = (".yaml", ".yml")
+TEST_SUFFIXES = (".test.yaml", ".test.yml", "_test.yaml", "_test.yml")
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$")
+API_VERSION = "egress/v1"
+
+POLICY_KEYS = {"apiVersion", "kind", "name", "description", "mode", "selector", "rules"}
+RULE_KEYS = {"name", "action", "when", "reason", "allow_internal", "description"}
+MODES = ("enforce", "shadow")
+ACTIONS = ("allow", "deny")
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int
+    column: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}: {self.message}"
+
+
+class PolicyLoadError(Exception):
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        first = str(problems[0]) if problems else "invalid policy set"
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(first + more)
+
+
+def policy_files(directory: Path) -> list[Path]:
+    """The policy files of a directory, in name order (tests excluded)."""
+    files = []
+    for p in sorted(directory.iterdir(), key=lambda p: p.name):
+        if not p.is_file() or not p.name.endswith(POLICY_SUFFIXES):
+            continue
+        if p.name.endswith(TEST_SUFFIXES) or p.name.startswith("."):
+            continue
+        files.append(p)
+    return files
+
+
+def load_directory(directory: str | Path, engine=None) -> PolicySet:
+    """Load and compile every policy file in ``directory``.
+
+    Raises PolicyLoadError listing every problem found (all files are checked).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PolicyLoadError([Problem(str(directory), 0, 0, "policy directory does not exist")])
+    sources = []
+    for path in policy_files(directory):
+        try:
+            sources.append((str(path), path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as e:
+            raise PolicyLoadError([Problem(str(path), 0, 0, f"cannot read: {e}")]) from None
+    return compile_sources(sources, engine=engine)
+
+
+def version_of(sources: list[tuple[str, str]]) -> str:
+    """A content hash of the policy set: file base names and contents."""
+    h = hashlib.sha256()
+    for name, text in sources:
+        h.update(Path(name).name.encode() + b"\0" + text.encode() + b"\0")
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def compile_sources(sources: list[tuple[str, str]], engine=None) -> PolicySet:
+    """Compile (file name, text) pairs, in the given order."""
+    engine = engine or celexpr.RustEngine()
+    problems: list[Problem] = []
+    policies: list[CompiledPolicy] = []
+    seen: dict[str, str] = {}
+    for name, text in sources:
+        for pol in _load_file(name, text, engine, problems):
+            if pol.name in seen:
+                problems.append(Problem(name, pol.line, 1,
+                                        f"policy name {pol.name!r} is already used in {seen[pol.name]}"))
+                continue
+            seen[pol.name] = name
+            policies.append(pol)
+    if problems:
+        raise PolicyLoadError(problems)
+    return PolicySet(policies, version=version_of(sources), engine=engine,
+                     files=[n for n, _ in sources])
+
+
+# ---------------------------------------------------------------------------
+
+
+class _Node:
+    """A YAML node with its position, converted lazily."""
+
+
+def _scalar_value(node: yaml.Node) -> Any:
+    return yaml.SafeLoader("").construct_object(node, deep=True)
+
+
+def _load_file(name: str, text: str, engine, problems: list[Problem]) -> list[CompiledPolicy]:
+    try:
+        docs = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        col = mark.column + 1 if mark else 1
+        problems.append(Problem(name, line, col, f"invalid YAML: {getattr(e, 'problem', e)}"))
+        return []
+    lines = text.splitlines()
+    out = []
+    for doc in docs:
+        if doc is None:
+            continue
+        pol = _load_policy(name, doc, lines, engine, problems)
+        if pol is not None:
+            out.append(pol)
+    return out
+
+
+def _pos(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _mapping(name: str, node: yaml.Node, what: str, allowed: set[str],
+             problems: list[Problem]) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
+    if not isinstance(node, yaml.MappingNode):
+        problems.append(Problem(name, *_pos(node), f"{what} must be a mapping"))
+        return None
+    out = {}
+    for k, v in node.value:
+        key = k.value if isinstance(k, yaml.ScalarNode) else None
+        if key not in allowed:
+            problems.append(Problem(name, *_pos(k), f"unknown key {key!r} in {what} "
+                                                     f"(expected one of: {', '.join(sorted(allowed))})"))
+            continue
+        if key in out:
+            problems.append(Problem(name, *_pos(k), f"duplicate key {key!r} in {what}"))
+            continue
+        out[key] = (k, v)
+    return out
+
+
+def _string(name: str, node: yaml.Node, what: str, problems: list[Problem]) -> str | None:
+    if not isinstance(node, yaml.ScalarNode):
+        problems.append(Problem(name, *_pos(node), f"{what} must be a string"))
+        return None
+    value = _scalar_value(node)
+    if isinstance(value, bool) and what.endswith("expression"):
+        return "true" if value else "false"
+    if not isinstance(value, str):
+        problems.append(Problem(name, *_pos(node), f"{what} must be a string, got {type(value).__name__}"))
+        return None
+    return value
+
+
+def _expr_position(node: yaml.ScalarNode, lines: list[str], eline: int, ecol: int) -> tuple[int, int]:
+    """Map a 1-based (line, column) inside an expression to the file."""
+    line0, col0 = node.start_mark.line, node.start_mark.column
+    style = node.style
+    if style in ("|", ">"):
+        first = line0 + 1  # content starts on the line after the indicator
+        idx = first + eline - 1
+        indent = 0
+        if 0 <= first < len(lines):
+            indent = len(lines[first]) - len(lines[first].lstrip(" "))
+        return idx + 1, indent + ecol
+    if eline == 1:
+        return line0 + 1, col0 + ecol + (1 if style in ('"', "'") else 0)
+    return line0 + eline, ecol
+
+
+def _compile_expr(name: str, node: yaml.Node, what: str, lines, engine,
+                  problems: list[Problem]):
+    source = _string(name, node, what, problems)
+    if source is None:
+        return None, None
+    if not source.strip():
+        problems.append(Problem(name, *_pos(node), f"{what} is empty"))
+        return None, None
+    try:
+        tree = celexpr.parse(source)
+        compiled = engine.compile(source, tree)
+    except celexpr.CelCompileError as e:
+        line, col = _expr_position(node, lines, e.line, e.column)
+        problems.append(Problem(name, line, col, f"{what}: {e.message}"))
+        return None, None
+    return compiled, tree
+
+
+def _load_policy(name: str, doc: yaml.Node, lines, engine, problems: list[Problem]):
+    n_before = len(problems)
+    m = _mapping(name, doc, "policy", POLICY_KEYS, problems)
+    if m is None:
+        return None
+    line = _pos(doc)[0]
+    if "apiVersion" in m:
+        v = _string(name, m["apiVersion"][1], "apiVersion", problems)
+        if v is not None and v != API_VERSION:
+            problems.append(Problem(name, *_pos(m["apiVersion"][1]),
+                                    f"unsupported apiVersion {v!r} (expected {API_VERSION!r})"))
+    if "kind" in m:
+        v = _string(name, m["kind"][1], "kind", problems)
+        if v is not None and v != "Policy":
+            problems.append(Problem(name, *_pos(m["kind"][1]), f"unsupported kind {v!r} (expected 'Policy')"))
+    for required in ("name", "selector", "rules"):
+        if required not in m:
+            problems.append(Problem(name, line, 1, f"policy is missing required key {required!r}"))
+    pname = None
+    if "name" in m:
+        pname = _string(name, m["name"][1], "policy name", problems)
+        if pname is not None and not NAME_RE.match(pname):
+            problems.append(Problem(name, *_pos(m["name"][1]),
+                                    f"policy name {pname!r} must be lowercase letters, digits, '.', '_' or '-'"))
+    mode = "enforce"
+    if "mode" in m:
+        mode = _string(name, m["mode"][1], "mode", problems) or "enforce"
+        if mode not in MODES:
+            problems.append(Problem(name, *_pos(m["mode"][1]), f"mode must be one of {', '.join(MODES)}, got {mode!r}"))
+    description = ""
+    if "description" in m:
+        description = _string(name, m["description"][1], "description", problems) or ""
+    selector = selector_tree = None
+    if "selector" in m:
+        selector, selector_tree = _compile_expr(name, m["selector"][1], "selector expression", lines, engine, problems)
+    rules: list[CompiledRule] = []
+    if "rules" in m:
+        rnode = m["rules"][1]
+        if not isinstance(rnode, yaml.SequenceNode) or not rnode.value:
+            problems.append(Problem(name, *_pos(rnode), "rules must be a non-empty list"))
+        else:
+            names = set()
+            for i, item in enumerate(rnode.value):
+                r = _load_rule(name, item, i, lines, engine, problems)
+                if r is None:
+                    continue
+                if r.name in names:
+                    problems.append(Problem(name, r.line, 1, f"rule name {r.name!r} is used twice in this policy"))
+                names.add(r.name)
+                rules.append(r)
+    if len(problems) > n_before or pname is None:
+        return None
+    return CompiledPolicy(name=pname, file=name, line=line, mode=mode, description=description,
+                          selector=selector, selector_tree=selector_tree, rules=rules)
+
+
+def _load_rule(name: str, node: yaml.Node, index: int, lines, engine, problems: list[Problem]):
+    n_before = len(problems)
+    m = _mapping(name, node, "rule", RULE_KEYS, problems)
+    if m is None:
+        return None
+    line = _pos(node)[0]
+    rname = f"rule-{index + 1}"
+    if "name" in m:
+        rname = _string(name, m["name"][1], "rule name", problems) or rname
+        if not NAME_RE.match(rname):
+            problems.append(Problem(name, *_pos(m["name"][1]),
+                                    f"rule name {rname!r} must be lowercase letters, digits, '.', '_' or '-'"))
+    action = None
+    if "action" not in m:
+        problems.append(Problem(name, line, 1, "rule is missing required key 'action'"))
+    else:
+        action = _string(name, m["action"][1], "action", problems)
+        if action is not None and action not in ACTIONS:
+            problems.append(Problem(name, *_pos(m["action"][1]), f"action must be allow or deny, got {action!r}"))
+    when = tree = None
+    if "when" not in m:
+        problems.append(Problem(name, line, 1, "rule is missing required key 'when' (use 'true' to match everything)"))
+    else:
+        when, tree = _compile_expr(name, m["when"][1], "when expression", lines, engine, problems)
+    reason = ""
+    if "reason" in m:
+        reason = _string(name, m["reason"][1], "reason", problems) or ""
+    internal: list[ipaddress._BaseNetwork] = []
+    if "allow_internal" in m:
+        inode = m["allow_internal"][1]
+        if action == "deny":
+            problems.append(Problem(name, *_pos(inode), "allow_internal only makes sense on an allow rule"))
+        if not isinstance(inode, yaml.SequenceNode):
+            problems.append(Problem(name, *_pos(inode), "allow_internal must be a list of CIDR ranges"))
+        else:
+            for item in inode.value:
+                s = _string(name, item, "allow_internal entry", problems)
+                if s is None:
+                    continue
+                try:
+                    internal.append(ipaddress.ip_network(s, strict=True))
+                except ValueError as e:
+                    problems.append(Problem(name, *_pos(item), f"invalid CIDR range {s!r}: {e}"))
+    if len(problems) > n_before:
+        return None
+    return CompiledRule(name=rname, action=action, when=when, tree=tree, reason=reason,
+                        allow_internal=tuple(internal), line=line)
