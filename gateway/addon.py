@@ -1,0 +1,422 @@
+"""The mitmproxy addon: a thin shell that turns flows into policy decisions.
+
+Per request it (1) establishes who is calling (token in Proxy-Authorization in
+explicit mode, source-address binding in transparent mode), (2) checks that
+CONNECT target, TLS SNI and Host agree, (3) resolves the destination once and
+classifies every address, (4) asks the pure policy engine, (5) audits and
+counts the decision, and (6) either answers with a structured deny or pins
+the upstream connection to the address that was checked.
+
+Pinning: after an allow, ``request.data.host`` is set to the checked address
+(the Host header and :authority are left alone), so mitmproxy dials that
+address and re-uses connections per address; ``server_connect`` restores the
+TLS SNI (and so the certificate name that is verified) to the host name, and
+refuses any connection to an address that was not checked for this client.
+
+Used by ``egress gateway run`` (on the lean master, gateway.master) and by
+``mitmdump -s gateway/mitmdump_entry.py`` (options ``egress_*``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy.mode_specs import TransparentMode
+
+from gateway.config import GatewayConfig, load_config, parse_host_overrides
+from gateway.policy.model import (
+    CODE_IDENTITY, CODE_MISMATCH, DENY, Decision, Destination, Principal, Request,
+)
+from gateway.resolver import HostError, normalise_host
+from gateway.runtime import Gateway, deny_decision
+
+log = logging.getLogger("egress.addon")
+
+HOP_HEADERS_TO_STRIP = ("proxy-authorization", "proxy-connection")
+
+
+@dataclass
+class ConnState:
+    """What is known about one client connection."""
+
+    principal: Principal | None = None
+    expires_at: int = 0
+    target: tuple[str, int] | None = None  # CONNECT host, port
+    destination: Destination | None = None  # resolved once per tunnel
+    pins: dict[tuple[str, int], str] = field(default_factory=dict)  # (ip, port) -> host name
+
+
+def _same_host(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False
+
+
+def _split_host_header(value: str, default_port: int) -> tuple[str, int] | None:
+    v = value.strip()
+    if not v:
+        return None
+    if v.startswith("["):
+        host, _, rest = v[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif v.count(":") == 1:
+        host, _, port = v.partition(":")
+    else:
+        host, port = v, ""
+    if port and not port.isdigit():
+        return None
+    return host, int(port) if port else default_port
+
+
+class EgressGateway:
+    """mitmproxy addon. Pass a ready ``Gateway`` (lean master) or configure it
+    through the ``egress_*`` options (mitmdump)."""
+
+    def __init__(self, gateway: Gateway | None = None, *, manage_admin: bool = True):
+        self.gw = gateway
+        self.manage_admin = manage_admin
+        self.conns: dict[str, ConnState] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._admin_runner = None
+        self._tls_applied = False
+
+    # -- mitmproxy lifecycle ------------------------------------------------------
+
+    def load(self, loader) -> None:
+        loader.add_option("egress_config", str, "", "Gateway configuration file (YAML).")
+        loader.add_option("egress_policies", str, "", "Policy directory (default: the bundled policies/default).")
+        loader.add_option("egress_state_dir", str, "", "State directory (CA, signing key, bindings, audit).")
+        loader.add_option("egress_admin", str, "", "Admin API HOST:PORT (default 127.0.0.1:8081; 'off' disables).")
+        loader.add_option("egress_hosts", Sequence[str], [], "Static host overrides NAME=ADDRESS.")
+        loader.add_option("egress_upstream_ca", Sequence[str], [], "Extra CA files trusted for upstream TLS.")
+        loader.add_option("egress_audit", str, "", "Audit file (default <state dir>/audit.jsonl).")
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        if opts.ssl_insecure:
+            raise exceptions.OptionsError("egress gateway: upstream TLS verification cannot be turned off "
+                                          "(ssl_insecure); add a CA with egress_upstream_ca instead")
+        if opts.connection_strategy != "lazy":
+            # Dial only after the per-request decision, to the checked address.
+            opts.update(connection_strategy="lazy")
+        if self.gw is None:
+            try:
+                cfg = load_config(
+                    opts.egress_config or None,
+                    policies=opts.egress_policies or None,
+                    state_dir=opts.egress_state_dir or None,
+                    admin=("" if opts.egress_admin == "off" else (opts.egress_admin or None)),
+                    upstream_ca=tuple(opts.egress_upstream_ca) or None,
+                    audit=opts.egress_audit or None,
+                    extra_hosts=parse_host_overrides(opts.egress_hosts) if opts.egress_hosts else None,
+                )
+                gw = Gateway(cfg)
+                gw.load_policies()
+            except Exception as e:
+                raise exceptions.OptionsError(f"egress gateway: {e}") from None
+            self.gw = gw
+        if not self._tls_applied:
+            self._tls_applied = True
+            apply_tls_options(self.gw.config, opts)
+
+    async def running(self) -> None:
+        gw = self.gw
+        if gw is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self.manage_admin and gw.config.admin:
+            from gateway.admin import start_admin
+            self._admin_runner = await start_admin(gw)
+        if gw.config.reload_interval > 0:
+            self._tasks.append(loop.create_task(self._poll_policies(gw.config.reload_interval)))
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        except (NotImplementedError, RuntimeError, ValueError):  # pragma: no cover - not main thread
+            pass
+
+    def _sighup(self) -> None:
+        asyncio.get_running_loop().create_task(asyncio.to_thread(self.gw.reload, "sighup"))
+
+    async def _poll_policies(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.gw.store.poll)
+            except Exception:  # pragma: no cover
+                log.exception("policy poll failed")
+
+    async def done(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
+        if self.gw is not None:
+            self.gw.close()
+
+    def client_disconnected(self, client) -> None:
+        self.conns.pop(client.id, None)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _respond(self, flow: http.HTTPFlow, decision: Decision, *, proxy_auth: bool = False) -> None:
+        r = self.gw.deny_response(decision, flow.id, proxy_auth=proxy_auth)
+        flow.response = http.Response.make(r.status, r.body, r.headers)
+
+    def _deny(self, flow: http.HTTPFlow, code: str, reason: str, *, principal=None, request=None,
+              identity_code: str = "", proxy_auth: bool = False, destination=None) -> None:
+        d = deny_decision(code, reason, self.gw.policies.version)
+        self.gw.record(request_id=flow.id, principal=principal, request=request, decision=d,
+                       source=_peer(flow), identity_code=identity_code, destination=destination)
+        self._respond(flow, d, proxy_auth=proxy_auth)
+
+    # -- explicit mode: CONNECT -----------------------------------------------------
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        if self.gw is None:
+            return _unavailable(flow)
+        try:
+            await self._http_connect(flow)
+        except Exception:
+            log.exception("CONNECT handling failed")
+            self._deny(flow, "internal_error", "the gateway failed while checking this CONNECT")
+
+    async def _http_connect(self, flow: http.HTTPFlow) -> None:
+        gw = self.gw
+        req = flow.request
+        header = req.headers.get("proxy-authorization")
+        for h in HOP_HEADERS_TO_STRIP:
+            req.headers.pop(h, None)
+        ident = gw.identity.from_proxy_authorization(header)
+        if ident.principal is None:
+            gw.identity_failure(ident)
+            self._deny(flow, CODE_IDENTITY, f"identity required: {ident.message}",
+                       identity_code=ident.code, proxy_auth=True)
+            return
+        principal = ident.principal
+        try:
+            host = normalise_host(req.host)
+        except HostError as e:
+            self._deny(flow, CODE_MISMATCH, f"invalid CONNECT target: {e}", principal=principal)
+            return
+        port = req.port
+        destination = await gw.resolver.resolve(host, port)
+        pre = gw.policies.could_allow(principal, host, destination)
+        probe = Request(host=host, port=port, scheme="https", method="CONNECT", path="", sni="")
+        if pre is not None:
+            d = Decision(DENY, pre.code, pre.rule, pre.reason, gw.policies.version)
+            gw.record(request_id=flow.id, principal=principal, request=probe, decision=d,
+                      source=_peer(flow), destination=destination)
+            self._respond(flow, d)
+            return
+        self.conns[flow.client_conn.id] = ConnState(principal, ident.expires_at, (host, port), destination)
+
+    # -- every request ----------------------------------------------------------------
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        if self.gw is None:
+            return _unavailable(flow)
+        try:
+            await self._requestheaders(flow)
+        except Exception:
+            log.exception("request handling failed")
+            self._deny(flow, "internal_error", "the gateway failed while checking this request")
+
+    async def _requestheaders(self, flow: http.HTTPFlow) -> None:
+        gw = self.gw
+        req = flow.request
+        client = flow.client_conn
+        transparent = isinstance(client.proxy_mode, TransparentMode)
+        header = req.headers.get("proxy-authorization")
+        for h in HOP_HEADERS_TO_STRIP:
+            if h in req.headers:
+                del req.headers[h]
+        state = self.conns.get(client.id)
+        tls = req.scheme == "https"
+        default_port = 443 if tls else 80
+        client_sni = (client.sni or "").lower().rstrip(".")
+
+        # 1. who is calling
+        if transparent:
+            ident = gw.identity.for_source(client.peername[0])
+            proxy_auth = False
+        elif state is not None and state.target is not None:
+            ident = gw.identity.still_valid(state.principal, state.expires_at)
+            proxy_auth = False  # inside a tunnel a 407 would not reach the client's proxy logic
+        else:
+            ident = gw.identity.from_proxy_authorization(header)
+            proxy_auth = True
+        if ident.principal is None:
+            gw.identity_failure(ident)
+            self._deny(flow, CODE_IDENTITY, f"identity required: {ident.message}",
+                       identity_code=ident.code, proxy_auth=proxy_auth)
+            return
+        principal = ident.principal
+
+        # 2. which host, and do CONNECT target / SNI / Host agree
+        host_header = req.host_header or ""
+        hh = _split_host_header(host_header, default_port) if host_header else None
+        try:
+            if transparent:
+                names = []
+                if client_sni:
+                    names.append(normalise_host(client_sni))
+                if hh is not None:
+                    names.append(normalise_host(hh[0]))
+                if len(names) == 2 and not _same_host(names[0], names[1]):
+                    return self._mismatch(flow, principal, f"TLS SNI {names[0]} and Host {names[1]} differ")
+                host = names[0] if names else normalise_host(req.host)
+                port = req.port
+            elif state is not None and state.target is not None:
+                thost, tport = state.target
+                host = normalise_host(req.host)
+                port = req.port
+                if not _same_host(host, thost) or port != tport:
+                    return self._mismatch(flow, principal,
+                                          f"request for {host}:{port} inside a CONNECT tunnel to {thost}:{tport}")
+                if client_sni and not _same_host(normalise_host(client_sni), thost):
+                    return self._mismatch(flow, principal, f"TLS SNI {client_sni} differs from CONNECT target {thost}")
+            else:
+                host = normalise_host(req.host)
+                port = req.port
+                if hh is not None and (not _same_host(normalise_host(hh[0]), host) or hh[1] != port):
+                    return self._mismatch(flow, principal, f"Host header {host_header} differs from the request "
+                                                           f"target {host}:{port}")
+        except HostError as e:
+            return self._mismatch(flow, principal, f"invalid host: {e}")
+
+        # 3. resolve once (per tunnel, or per request with a short cache)
+        if state is not None and state.target is not None and state.destination is not None:
+            destination = state.destination
+        else:
+            destination = await gw.resolver.resolve(host, port)
+
+        # 4. decide
+        path, _, query = req.path.partition("?")
+        scheme = req.scheme
+        if req.headers.get("upgrade", "").lower() == "websocket":
+            scheme = "wss" if tls else "ws"
+        request = Request(host=host, port=port, scheme=scheme, method=req.method, path=path, query=query,
+                          headers=_lower_headers(req.headers), sni=client_sni,
+                          mode="transparent" if transparent else "explicit")
+        decision, seconds = gw.decide(principal, request, destination)
+        gw.record(request_id=flow.id, principal=principal, request=request, decision=decision,
+                  source=_peer(flow), destination=destination, decision_seconds=seconds)
+        if not decision.allowed or decision.dial is None:
+            if decision.allowed:  # cannot happen: an allow always has a checked address
+                decision = deny_decision("internal_error", "no checked address to connect to", decision.policy_version)
+            self._respond(flow, decision)
+            return
+
+        # 5. pin the checked address; the SNI stays the host name (see server_connect)
+        if state is None:
+            state = self.conns.setdefault(client.id, ConnState())
+        key = (decision.dial, port)
+        pinned = state.pins.get(key)
+        if pinned is not None and pinned != host and tls:
+            # A TLS connection to this address was verified for another name.
+            r = gw.deny_response(deny_decision(CODE_MISMATCH, f"connection to {decision.dial} is in use for "
+                                               f"{pinned}; open a new connection for {host}",
+                                               decision.policy_version), flow.id, status=421)
+            flow.response = http.Response.make(r.status, r.body, r.headers)
+            return
+        state.pins[key] = host
+        flow.request.data.host = decision.dial
+        flow.metadata["egress_host"] = host
+
+    def _mismatch(self, flow, principal, reason: str) -> None:
+        self._deny(flow, CODE_MISMATCH, reason, principal=principal)
+
+    # -- connections ---------------------------------------------------------------------
+
+    def server_connect(self, data) -> None:
+        """Only ever dial an address that a decision checked for this client."""
+        state = self.conns.get(data.client.id)
+        addr = data.server.address
+        host = state.pins.get((addr[0], addr[1])) if (state is not None and addr) else None
+        if host is None or self.gw is None:
+            data.server.error = "egress gateway: refusing to connect to an address that was not checked by policy"
+            return
+        if data.server.sni is None or data.server.sni == addr[0]:
+            data.server.sni = host
+
+    def tcp_start(self, flow) -> None:
+        """Raw TCP (non-HTTP inside CONNECT or transparent) cannot be checked: refuse."""
+        if self.gw is not None:
+            self.gw.record(request_id=flow.id, principal=None, request=None,
+                       decision=deny_decision("destination_mismatch", "non-HTTP traffic is not allowed",
+                                              self.gw.policies.version), source=_peer(flow))
+        flow.kill()
+
+    def udp_start(self, flow) -> None:
+        flow.kill()
+
+
+def _unavailable(flow) -> None:
+    """The gateway failed to start (bad configuration): refuse everything."""
+    flow.response = http.Response.make(
+        503, b'{"decision": "deny", "code": "policy_unavailable", "reason": "the egress gateway is not '
+             b'configured (see its log)"}\n',
+        {"Content-Type": "application/json", "X-Egress-Decision": "deny"})
+
+
+def _lower_headers(headers) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in headers.items(multi=True):
+        k = k.lower()
+        if k in out:
+            out[k] = out[k] + ", " + v
+        else:
+            out[k] = v
+    return out
+
+
+def _peer(flow) -> str:
+    try:
+        return flow.client_conn.peername[0]
+    except Exception:  # pragma: no cover
+        return ""
+
+
+def apply_tls_options(cfg: GatewayConfig, opts: Any) -> None:
+    """Gateway CA in <state dir>/ca; extra upstream CAs added to certifi's bundle
+    (mitmproxy's own setting replaces the default bundle, it does not extend it)."""
+    updates: dict[str, Any] = {}
+    confdir = str(Path(cfg.state_dir).resolve() / "ca")
+    if opts.confdir != confdir:
+        Path(confdir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        updates["confdir"] = confdir
+    if cfg.upstream_ca:
+        bundle = write_ca_bundle(cfg)
+        if opts.ssl_verify_upstream_trusted_ca != str(bundle):
+            updates["ssl_verify_upstream_trusted_ca"] = str(bundle)
+    if updates:
+        opts.update(**updates)
+
+
+def write_ca_bundle(cfg: GatewayConfig) -> Path:
+    import certifi
+
+    parts = [Path(certifi.where()).read_text()]
+    for ca in cfg.upstream_ca:
+        text = Path(ca).read_text()
+        if "-----BEGIN CERTIFICATE-----" not in text:
+            raise ValueError(f"upstream_ca: {ca} holds no PEM certificate")
+        parts.append(f"# extra upstream CA from {ca}\n{text}")
+    path = Path(cfg.state_dir) / "upstream-ca-bundle.pem"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(parts))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,411 @@
+"""``egress``: the one command-line tool.
+
+Exit codes: 0 ok, 1 the thing checked failed (a policy problem, a denied
+request in ``policy decide``), 2 usage or configuration error, 3 cannot reach
+the admin API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+EPILOG_MAIN = """\
+examples:
+  egress gateway run                                  # defaults: policies/default, proxy 127.0.0.1:8080
+  TOKEN=$(egress token mint --tenant demo --agent a1)
+  curl -x http://x:$TOKEN@127.0.0.1:8080 http://demo.localhost:8000/
+  egress policy check policies/default
+  egress policy decide --tenant demo --agent a1 GET http://169.254.169.254/
+
+Every subcommand has its own --help with examples.
+"""
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def parse_duration(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (use e.g. 90s, 30m, 1h, 7d)")
+    n = int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if n <= 0:
+        raise argparse.ArgumentTypeError("duration must be positive")
+    return n
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    k, sep, v = text.partition("=")
+    if not sep or not k:
+        raise argparse.ArgumentTypeError(f"invalid label {text!r} (use KEY=VALUE)")
+    return k, v
+
+
+# -- gateway ------------------------------------------------------------------------
+
+def cmd_gateway_run(args) -> int:
+    import asyncio
+
+    from gateway.config import ConfigError, load_config, parse_host_overrides
+    from gateway.policy.loader import PolicyLoadError
+    from gateway.runtime import Gateway
+
+    try:
+        cfg = load_config(
+            args.config, listen=args.listen, modes=tuple(args.mode) if args.mode else None,
+            policies=args.policies, state_dir=args.state_dir,
+            admin=("" if args.no_admin else args.admin), upstream_ca=tuple(args.upstream_ca) or None,
+            audit=args.audit, engine=args.engine,
+            extra_hosts=parse_host_overrides(args.host) if args.host else None,
+        )
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+    try:
+        gw = Gateway(cfg)
+        gw.load_policies()
+    except PolicyLoadError as e:
+        for p in e.problems:
+            print(f"error: {p}", file=sys.stderr)
+        raise CliError(f"policies in {cfg.policies} are invalid; the gateway did not start", 1) from None
+    from gateway.master import run_gateway, setup_logging
+    setup_logging(args.verbose)
+    ps = gw.policies
+    specs = ", ".join(f"{s.kind} on {s.host}:{s.port}" for s in cfg.mode_specs())
+    print(f"egress gateway: {specs}; policies {cfg.policies} ({len(ps.policies)} policies, "
+          f"{ps.rule_count} rules, version {ps.version})", file=sys.stderr)
+    print(f"  state dir {Path(cfg.state_dir).resolve()}  audit {cfg.audit_path}  "
+          f"admin {('http://' + cfg.admin) if cfg.admin else 'off'}", file=sys.stderr)
+    print(f"  clients trust the gateway CA: {Path(cfg.state_dir).resolve() / 'ca' / 'mitmproxy-ca-cert.pem'} "
+          f"(created on first start)", file=sys.stderr)
+    try:
+        asyncio.run(run_gateway(gw, verbose=args.verbose))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_gateway_ca(args) -> int:
+    p = Path(args.state_dir).resolve() / "ca" / "mitmproxy-ca-cert.pem"
+    if not p.exists():
+        raise CliError(f"no gateway CA yet at {p}: start the gateway once (egress gateway run) to create it", 1)
+    print(p)
+    return 0
+
+
+# -- tokens -------------------------------------------------------------------------------
+
+def cmd_token_mint(args) -> int:
+    from gateway import tokens
+    from gateway.identity import load_or_create_signing_key
+
+    key = load_or_create_signing_key(Path(args.state_dir) / "identity")
+    try:
+        tok = tokens.mint(key, tenant=args.tenant, agent=args.agent, session=args.session or "",
+                          labels=dict(args.label or []), ttl_seconds=args.ttl)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        c = tokens.verify(tok, tokens.VerifyKeys.from_private(key))
+        print(json.dumps({"token": tok, "token_id": c.token_id, "tenant": c.tenant, "agent": c.agent,
+                          "expires_at": c.expires_at}))
+    else:
+        print(tok)
+    return 0
+
+
+def cmd_token_inspect(args) -> int:
+    from gateway import tokens
+    from gateway.identity import load_or_create_signing_key
+
+    key = load_or_create_signing_key(Path(args.state_dir) / "identity")
+    try:
+        c = tokens.verify(args.token.strip(), tokens.VerifyKeys.from_private(key))
+    except tokens.TokenError as e:
+        print(f"invalid token ({e.code}): {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"valid": True, "token_id": c.token_id, "tenant": c.tenant, "agent": c.agent,
+                      "session": c.session, "labels": dict(c.labels), "issued_at": c.issued_at,
+                      "expires_at": c.expires_at, "key_id": c.key_id}, indent=1))
+    return 0
+
+
+def _admin_call(args, method: str, path: str, body=None) -> dict:
+    from gateway.admin import admin_token
+
+    url = args.admin_url.rstrip("/") + path
+    token = admin_token(args.state_dir) if (os.environ.get("EGRESS_ADMIN_TOKEN") or
+                                            (Path(args.state_dir) / "admin-token").exists()) else ""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.loads(e.read()).get("message", "")
+        except Exception:
+            msg = ""
+        raise CliError(f"admin API {method} {path}: HTTP {e.code} {msg}".rstrip(), 1) from None
+    except (urllib.error.URLError, OSError) as e:
+        raise CliError(f"cannot reach the admin API at {args.admin_url}: {getattr(e, 'reason', e)} "
+                       f"(is the gateway running?)", 3) from None
+
+
+def cmd_token_revoke(args) -> int:
+    out = _admin_call(args, "POST", "/v1/revocations", {"token_id": args.token_id})
+    print(f"revoked {out['revoked']}")
+    return 0
+
+
+def cmd_binding_add(args) -> int:
+    out = _admin_call(args, "POST", "/v1/bindings", {"address": args.address, "tenant": args.tenant,
+                                                     "agent": args.agent, "session": args.session or "",
+                                                     "labels": dict(args.label or [])})
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_binding_remove(args) -> int:
+    out = _admin_call(args, "DELETE", f"/v1/bindings/{args.address}")
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_binding_list(args) -> int:
+    print(json.dumps(_admin_call(args, "GET", "/v1/bindings"), indent=1))
+    return 0
+
+
+def cmd_reload(args) -> int:
+    out = _admin_call(args, "POST", "/v1/reload")
+    print(json.dumps(out, indent=1))
+    return 0 if out.get("ok") else 1
+
+
+# -- policies ---------------------------------------------------------------------------------
+
+def _load_policies(directory: str, engine: str = "rust"):
+    from gateway import celexpr
+    from gateway.policy.loader import PolicyLoadError, load_directory
+
+    if not Path(directory).is_dir():
+        raise CliError(f"{directory} is not a directory")
+    try:
+        return load_directory(directory, engine=celexpr.make_engine(engine))
+    except PolicyLoadError as e:
+        for p in e.problems:
+            print(f"{p}", file=sys.stderr)
+        raise CliError(f"{len(e.problems)} problem(s) in {directory}", 1) from None
+
+
+def cmd_policy_check(args) -> int:
+    ps = _load_policies(args.directory, args.engine)
+    if args.json:
+        print(json.dumps({"ok": True, "version": ps.version, "policies": len(ps.policies),
+                          "rules": ps.rule_count, "files": [str(f) for f in ps.files]}))
+    else:
+        print(f"ok: {len(ps.files)} files, {len(ps.policies)} policies, {ps.rule_count} rules, "
+              f"version {ps.version}")
+    return 0
+
+
+def cmd_policy_decide(args) -> int:
+    from urllib.parse import urlsplit
+
+    from gateway.addresses import classify
+    from gateway.config import parse_host_overrides
+    from gateway.policy.model import Destination, Principal, Request
+    from gateway.resolver import HostError, Resolver, normalise_host
+
+    ps = _load_policies(args.policies, args.engine)
+    u = urlsplit(args.url)
+    if not u.scheme or not u.hostname:
+        raise CliError(f"URL must be absolute (scheme://host/...), got {args.url!r}")
+    try:
+        host = normalise_host(u.hostname)
+        port = u.port or (443 if u.scheme in ("https", "wss") else 80)
+    except (HostError, ValueError) as e:
+        raise CliError(f"bad URL host: {e}") from None
+    principal = Principal.make(args.tenant, args.agent, args.session or "", dict(args.label or []))
+    headers = {"host": u.netloc.rpartition("@")[2]}
+    for h in args.header or []:
+        k, _, v = h.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    req = Request(host=host, port=port, scheme=u.scheme, method=args.method.upper(), path=u.path or "/",
+                  query=u.query, headers=headers, sni=host if u.scheme in ("https", "wss") else "")
+    resolver = Resolver(parse_host_overrides(args.host) if args.host else None)
+    if args.address:
+        dest = Destination(tuple(classify(a) for a in args.address), via="given")
+    else:
+        dest = resolver.resolve_static(host)
+        if dest is None:
+            import asyncio
+            dest = asyncio.run(resolver.resolve(host, port))
+    d = ps.decide(principal, req, dest)
+    out = d.to_dict()
+    out["applicable_policies"] = ps.applicable(principal)
+    out["destination"] = {"ips": [str(c.address) for c in dest.addresses],
+                          "classes": [c.klass.value for c in dest.addresses], "error": dest.error}
+    out["dial"] = d.dial
+    print(json.dumps(out, indent=1))
+    return 0 if d.allowed else 1
+
+
+# -- parser -----------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="egress", formatter_class=fmt,
+                                description="Egress gateway and policy engine for sandboxed agent code.",
+                                epilog=EPILOG_MAIN)
+    sub = p.add_subparsers(dest="group", metavar="{gateway,token,binding,policy}")
+    sub.required = True
+
+    def state(sp):
+        sp.add_argument("--state-dir", default=os.environ.get("EGRESS_STATE_DIR", ".state"),
+                        help="gateway state dir: signing key, CA, bindings, audit (default .state or $EGRESS_STATE_DIR)")
+
+    def admin(sp):
+        state(sp)
+        sp.add_argument("--admin-url", default=os.environ.get("EGRESS_ADMIN_URL", "http://127.0.0.1:8081"),
+                        help="admin API of the running gateway (default http://127.0.0.1:8081 or $EGRESS_ADMIN_URL)")
+
+    # gateway
+    g = sub.add_parser("gateway", help="run the gateway").add_subparsers(dest="cmd", metavar="{run,ca}")
+    g.required = True
+    run = g.add_parser("run", formatter_class=fmt, help="start the proxy and admin API",
+                       description="Start the egress gateway (lean mitmproxy master + policy engine).",
+                       epilog="""examples:
+  egress gateway run
+  egress gateway run --listen 0.0.0.0:3128 --mode explicit --mode transparent@0.0.0.0:3129
+  egress gateway run --host billing.internal=10.20.0.5 --upstream-ca corp-ca.pem
+  egress gateway run --config /etc/egress/gateway.yaml
+
+Policies are re-read when their files change, on SIGHUP and on POST /v1/reload;
+an invalid set is rejected and the last good one stays in force.""")
+    run.add_argument("--config", help="YAML configuration file (flags override it)")
+    run.add_argument("--listen", help="explicit proxy HOST:PORT (default 127.0.0.1:8080)")
+    run.add_argument("--mode", action="append",
+                     help="explicit | transparent[@HOST:PORT]; repeat for both (default explicit)")
+    run.add_argument("--policies", help="policy directory (default: the bundled policies/default)")
+    run.add_argument("--state-dir", default=None, help="state directory (default .state)")
+    run.add_argument("--admin", help="admin API HOST:PORT (default 127.0.0.1:8081)")
+    run.add_argument("--no-admin", action="store_true", help="do not start the admin API")
+    run.add_argument("--host", action="append", metavar="NAME=ADDRESS",
+                     help="static host override (repeatable), e.g. billing.internal=10.20.0.5")
+    run.add_argument("--upstream-ca", action="append", default=[], metavar="FILE",
+                     help="extra CA trusted for upstream TLS, added to the system bundle (repeatable)")
+    run.add_argument("--audit", help="audit file (default <state dir>/audit.jsonl)")
+    run.add_argument("--engine", choices=("rust", "python"), help="CEL engine (default rust)")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.set_defaults(func=cmd_gateway_run)
+    ca = g.add_parser("ca", help="print the path of the gateway CA certificate clients must trust")
+    state(ca)
+    ca.set_defaults(func=cmd_gateway_ca)
+
+    # token
+    t = sub.add_parser("token", help="identity tokens").add_subparsers(dest="cmd", metavar="{mint,inspect,revoke}")
+    t.required = True
+    m = t.add_parser("mint", formatter_class=fmt, help="mint a signed identity token",
+                     description="Mint a signed identity token (Ed25519) with the gateway's key.",
+                     epilog="""examples:
+  TOKEN=$(egress token mint --tenant demo --agent a1 --label registries=read --ttl 2h)
+  HTTPS_PROXY=http://x:$TOKEN@127.0.0.1:8080 pip download requests
+  curl -x http://x:$TOKEN@127.0.0.1:8080 http://demo.localhost:8000/""")
+    m.add_argument("--tenant", required=True)
+    m.add_argument("--agent", required=True)
+    m.add_argument("--session")
+    m.add_argument("--label", action="append", type=parse_label, metavar="KEY=VALUE")
+    m.add_argument("--ttl", type=parse_duration, default=3600, help="lifetime: 90s, 30m, 1h, 7d (default 1h; max 30d)")
+    m.add_argument("--json", action="store_true", help="print token, id and expiry as JSON")
+    state(m)
+    m.set_defaults(func=cmd_token_mint)
+    ins = t.add_parser("inspect", help="verify a token and print its claims")
+    ins.add_argument("token")
+    state(ins)
+    ins.set_defaults(func=cmd_token_inspect)
+    rv = t.add_parser("revoke", help="revoke a token by id (through the admin API)")
+    rv.add_argument("token_id")
+    admin(rv)
+    rv.set_defaults(func=cmd_token_revoke)
+
+    # bindings
+    b = sub.add_parser("binding", help="source-address bindings for transparent mode").add_subparsers(
+        dest="cmd", metavar="{add,remove,list}")
+    b.required = True
+    ba = b.add_parser("add", help="bind a source address to a principal")
+    ba.add_argument("address")
+    ba.add_argument("--tenant", required=True)
+    ba.add_argument("--agent", required=True)
+    ba.add_argument("--session")
+    ba.add_argument("--label", action="append", type=parse_label, metavar="KEY=VALUE")
+    admin(ba)
+    ba.set_defaults(func=cmd_binding_add)
+    br = b.add_parser("remove", help="remove a binding")
+    br.add_argument("address")
+    admin(br)
+    br.set_defaults(func=cmd_binding_remove)
+    bl = b.add_parser("list", help="list bindings")
+    admin(bl)
+    bl.set_defaults(func=cmd_binding_list)
+
+    # policy
+    pol = sub.add_parser("policy", help="check policies and explain decisions").add_subparsers(
+        dest="cmd", metavar="{check,decide,reload}")
+    pol.required = True
+    c = pol.add_parser("check", help="compile every policy file; report problems with file:line:column")
+    c.add_argument("directory", nargs="?", default=str(Path(__file__).resolve().parent.parent / "policies" / "default"))
+    c.add_argument("--engine", choices=("rust", "python"), default="rust")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_policy_check)
+    d = pol.add_parser("decide", formatter_class=fmt, help="decide a hypothetical request offline",
+                       description="Decide one request against a policy directory, without sending it.",
+                       epilog="""examples:
+  egress policy decide --tenant demo --agent a1 GET http://demo.localhost:8000/
+  egress policy decide --tenant demo --agent a1 GET http://169.254.169.254/latest/meta-data/
+  egress policy decide --tenant demo --agent a1 --address 10.0.0.5 GET https://example.com/
+
+exit status: 0 allowed, 1 denied""")
+    d.add_argument("method")
+    d.add_argument("url")
+    d.add_argument("--tenant", required=True)
+    d.add_argument("--agent", required=True)
+    d.add_argument("--session")
+    d.add_argument("--label", action="append", type=parse_label, metavar="KEY=VALUE")
+    d.add_argument("--header", action="append", metavar="'NAME: VALUE'")
+    d.add_argument("--address", action="append", help="pretend the host resolves to this address (repeatable)")
+    d.add_argument("--host", action="append", metavar="NAME=ADDRESS", help="static host override")
+    d.add_argument("--policies", default=str(Path(__file__).resolve().parent.parent / "policies" / "default"))
+    d.add_argument("--engine", choices=("rust", "python"), default="rust")
+    d.set_defaults(func=cmd_policy_decide)
+    rl = pol.add_parser("reload", help="ask the running gateway to reload its policies now")
+    admin(rl)
+    rl.set_defaults(func=cmd_reload)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as e:
+        print(f"egress: error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The gateway's state and the per-request steps that do not depend on mitmproxy.
+
+``Gateway`` ties together the policy store, identity service, resolver, audit
+log and metrics. The mitmproxy addon (gateway.addon) and the admin API
+(gateway.admin) are thin shells over it. Every step fails closed: any error
+ends in a deny with a structured reason and an audit event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway import celexpr
+from gateway.audit import AuditLog
+from gateway.config import GatewayConfig
+from gateway.identity import IdentityResult, IdentityService
+from gateway.metrics import Metrics
+from gateway.policy.model import (
+    ALLOW, CODE_IDENTITY, CODE_INTERNAL_ERROR, CODE_NO_POLICY, DENY, Decision, Destination,
+    Principal, Request,
+)
+from gateway.policy.store import PolicyStore, ReloadResult
+from gateway.resolver import Resolver
+
+log = logging.getLogger("egress.gateway")
+
+DECISION_HEADER = "X-Egress-Decision"
+REQUEST_ID_HEADER = "X-Egress-Request-Id"
+PROXY_REALM = 'Basic realm="egress-gateway", charset="UTF-8"'
+
+# The enforcement self-test run by /readyz: a request that every policy set
+# must deny (cloud metadata over a literal address).
+CANARY_PRINCIPAL = Principal.make("_canary", "_canary", "", {}, "", "token")
+CANARY_REQUEST = Request(host="169.254.169.254", port=80, scheme="http", method="GET",
+                         path="/latest/meta-data/", headers={"host": "169.254.169.254"})
+
+# HTTP status for each deny code.
+STATUS = {
+    "identity_required": 403,
+    "policy_deny": 403,
+    "default_deny": 403,
+    "ssrf_blocked": 403,
+    "destination_mismatch": 403,
+    "dns_failure": 502,
+    "policy_unavailable": 503,
+    "internal_error": 500,
+}
+
+
+def deny_decision(code: str, reason: str, version: str, rule: str | None = None) -> Decision:
+    return Decision(DENY, code, rule, reason, version)
+
+
+@dataclass(frozen=True)
+class DenyResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.metrics = Metrics()
+        self.audit = AuditLog(config.audit_path)
+        self.engine = celexpr.make_engine(config.engine)
+        self.identity = IdentityService(self.state_dir)
+        self.resolver = Resolver(config.hosts, self_addresses=config.self_addresses)
+        self.store = PolicyStore(config.policies, engine=self.engine, on_reload=self._on_reload)
+        self.started = time.time()
+
+    # -- policies -------------------------------------------------------------
+
+    def load_policies(self) -> None:
+        """Initial load; raises PolicyLoadError (the gateway must not start)."""
+        ps = self.store.load_initial()
+        self.metrics.set_policy(ps.version, ps.rule_count)
+        self.metrics.reloads.labels("success", "startup").inc()
+        self.audit.write({"event": "policy_loaded", "policy_version": ps.version,
+                          "rules": ps.rule_count, "trigger": "startup"})
+
+    def _on_reload(self, r: ReloadResult) -> None:
+        self.metrics.reloads.labels("success" if r.ok else "failure", r.trigger).inc()
+        if r.ok:
+            self.metrics.set_policy(r.version, self.store.current.rule_count)
+        self.audit.write({"event": "policy_reload", "ok": r.ok, "changed": r.changed,
+                          "policy_version": r.version, "trigger": r.trigger,
+                          "problems": list(r.problems)[:20]})
+
+    def reload(self, trigger: str = "manual") -> ReloadResult:
+        return self.store.reload(trigger)
+
+    @property
+    def policies(self):
+        return self.store.current
+
+    # -- identity ---------------------------------------------------------------
+
+    def identity_failure(self, result: IdentityResult) -> None:
+        self.metrics.identity_failures.labels(result.code or "unknown").inc()
+
+    # -- decisions --------------------------------------------------------------
+
+    def decide(self, principal: Principal, request: Request, destination: Destination) -> tuple[Decision, float]:
+        """Run the policy decision; never raises. Returns (decision, seconds)."""
+        t0 = time.perf_counter()
+        ps = self.store.current
+        try:
+            if not self.store.loaded:
+                d = deny_decision(CODE_NO_POLICY, "no policy set is loaded", ps.version)
+            else:
+                d = ps.decide(principal, request, destination)
+        except Exception:  # pragma: no cover - the engine is not supposed to raise
+            log.exception("policy decision failed")
+            d = deny_decision(CODE_INTERNAL_ERROR, "the gateway could not evaluate its policies", ps.version)
+        dt = time.perf_counter() - t0
+        self.metrics.decision_seconds.observe(dt)
+        return d, dt
+
+    def record(self, *, request_id: str, principal: Principal | None, request: Request | None,
+               decision: Decision, source: str = "", destination: Destination | None = None,
+               decision_seconds: float = 0.0, identity_code: str = "") -> None:
+        """Count and audit one decision (allow or deny)."""
+        self.metrics.count(principal.tenant if principal else None, decision.action, decision.code)
+        ev: dict[str, Any] = {
+            "event": "decision",
+            "request_id": request_id,
+            "decision": decision.action,
+            "code": decision.code,
+            "rule": decision.rule,
+            "reason": decision.reason,
+            "policy_version": decision.policy_version,
+            "source": source,
+        }
+        if principal is not None:
+            ev["principal"] = {"tenant": principal.tenant, "agent": principal.agent,
+                               "session": principal.session, "labels": dict(principal.labels),
+                               "token_id": principal.token_id, "via": principal.source}
+        if identity_code:
+            ev["identity_error"] = identity_code
+        if request is not None:
+            # No query string and no header values: they often carry secrets.
+            ev["request"] = {"method": request.method, "scheme": request.scheme, "host": request.host,
+                             "port": request.port, "path": request.path, "sni": request.sni,
+                             "mode": request.mode}
+        if destination is not None and destination.addresses:
+            ev["destination"] = {"ips": [str(c.address) for c in destination.addresses],
+                                 "classes": sorted({c.klass.value for c in destination.addresses}),
+                                 "via": destination.via}
+        if decision.dial:
+            ev["dial"] = decision.dial
+        if decision.shadow is not None:
+            s = decision.shadow
+            ev["shadow"] = {"decision": s.action, "code": s.code, "rule": s.rule}
+        if decision.errors:
+            ev["errors"] = list(decision.errors)[:10]
+        if decision_seconds:
+            ev["decision_us"] = round(decision_seconds * 1e6, 1)
+        if not self.audit.write(ev):
+            self.metrics.audit_failures.inc()
+
+    def deny_response(self, decision: Decision, request_id: str, *, status: int | None = None,
+                      proxy_auth: bool = False) -> DenyResponse:
+        body = {
+            "decision": decision.action,
+            "code": decision.code,
+            "rule": decision.rule,
+            "reason": decision.reason,
+            "request_id": request_id,
+            "policy_version": decision.policy_version,
+        }
+        headers = {"Content-Type": "application/json", DECISION_HEADER: "deny",
+                   REQUEST_ID_HEADER: request_id, "Cache-Control": "no-store"}
+        if proxy_auth:
+            headers["Proxy-Authenticate"] = PROXY_REALM
+        return DenyResponse(status or (407 if proxy_auth else STATUS.get(decision.code, 403)), headers,
+                            (json.dumps(body, indent=1) + "\n").encode())
+
+    # -- readiness --------------------------------------------------------------
+
+    def self_test(self) -> tuple[bool, str]:
+        """The canary metadata request must be denied by the active set."""
+        if not self.store.loaded:
+            return False, "no policy set loaded"
+        dest = self.resolver.resolve_static(CANARY_REQUEST.host)
+        d, _ = self.decide(CANARY_PRINCIPAL, CANARY_REQUEST, dest)
+        if d.action == ALLOW:
+            return False, f"enforcement self-test failed: canary request to cloud metadata was allowed by {d.rule}"
+        return True, f"canary denied ({d.code})"
+
+    def close(self) -> None:
+        self.audit.close()
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+__all__ = ["Gateway", "DenyResponse", "deny_decision", "new_request_id", "CODE_IDENTITY", "DECISION_HEADER",
+           "REQUEST_ID_HEADER"]
