@@ -280,12 +280,15 @@ class EgressGateway:
                 host = names[0] if names else normalise_host(req.host)
                 port = req.port
             elif state is not None and state.target is not None:
+                # Inside a tunnel mitmproxy takes request.host from the CONNECT
+                # target; the Host header (or :authority) is what the upstream sees.
                 thost, tport = state.target
-                host = normalise_host(req.host)
-                port = req.port
-                if not _same_host(host, thost) or port != tport:
-                    return self._mismatch(flow, principal,
-                                          f"request for {host}:{port} inside a CONNECT tunnel to {thost}:{tport}")
+                host, port = thost, tport
+                if hh is None:
+                    return self._mismatch(flow, principal, "request inside a CONNECT tunnel has no Host header")
+                if not _same_host(normalise_host(hh[0]), thost) or hh[1] != tport:
+                    return self._mismatch(flow, principal, f"Host {host_header} differs from the CONNECT target "
+                                                           f"{thost}:{tport}")
                 if client_sni and not _same_host(normalise_host(client_sni), thost):
                     return self._mismatch(flow, principal, f"TLS SNI {client_sni} differs from CONNECT target {thost}")
             else:

@@ -17,9 +17,10 @@ Both expose::
 Only the Rust engine needs the ``matches()`` rewrite below: its built-in
 ``matches`` compiles the regular expression on every call (~20 us), so calls are
 rewritten at load to ``_re_match``, a function that caches compiled patterns.
-Patterns are validated as RE2 syntax (what the CEL spec prescribes) and then run
-with Python's ``re`` in ASCII mode; see docs/policy-language.md for the known
-differences.
+Patterns must be valid both as RE2 syntax (what the CEL spec prescribes) and as
+Python ``re`` syntax; they run with RE2 semantics, using Python's ``re`` in
+ASCII mode as a fast path only where it gives the same answer (see
+``_matcher`` and docs/policy-language.md).
 
 Static analysis
 ---------------
@@ -35,6 +36,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -95,15 +97,48 @@ def compile_regex(pattern: str) -> re.Pattern:
         except Exception as e:
             raise RegexError(f"invalid RE2 regular expression {pattern!r}: {e}") from None
     try:
-        return re.compile(pattern, re.ASCII)
+        with warnings.catch_warnings():  # e.g. "possible nested set" for [[:alpha:]]
+            warnings.simplefilter("ignore", FutureWarning)
+            return re.compile(pattern, re.ASCII)
     except re.error as e:
         raise RegexError(f"regular expression {pattern!r} is not supported: {e}") from None
+
+
+# Python's re (ASCII mode) is ~20x faster than the RE2 binding but does not read
+# every pattern or text the way RE2 does. Pattern constructs both accept with a
+# different meaning: POSIX classes ("[[:alpha:]]" is a plain set to re),
+# "{,n}" (a repeat to re >= 3.12, literal text to RE2) and "\B" (never matches
+# an empty string in re). Text that is read differently: "$" also matches
+# before a final "\n" in re, "\s" includes "\v" in re but not in RE2, and
+# "(?i)" folds only ASCII letters in re. Patterns holding one of these
+# constructs always run with RE2, and so does any text that is not ASCII or
+# holds "\n" or "\v"; what is left gives the same answer with both (checked by
+# a differential test).
+_RE2_ONLY_CONSTRUCTS = ("[:", "{,", "\\B")
+
+
+@functools.lru_cache(maxsize=4096)
+def _matcher(pattern: str):
+    """A function text -> bool with RE2 semantics for a valid pattern."""
+    fast = compile_regex(pattern).search
+    if _re2 is None:  # pragma: no cover - re2 is a dependency of cel-python
+        return lambda text: fast(text) is not None
+    exact = _re2.compile(pattern, _RE2_OPTIONS).search
+    if any(c in pattern for c in _RE2_ONLY_CONSTRUCTS):
+        return lambda text: exact(text) is not None
+
+    def search(text: str) -> bool:
+        if text.isascii() and "\n" not in text and "\x0b" not in text:
+            return fast(text) is not None
+        return exact(text) is not None
+
+    return search
 
 
 def _re_match(text: Any, pattern: Any) -> bool:
     if not isinstance(text, str) or not isinstance(pattern, str):
         raise TypeError("matches() takes a string and a string pattern")
-    return compile_regex(pattern).search(text) is not None
+    return _matcher(pattern)(text)
 
 
 # --------------------------------------------------------------------------
@@ -268,9 +303,11 @@ def _from_celpy(value: Any) -> Any:
         return float(value)
     if isinstance(value, celtypes.StringType):
         return str(value)
-    if isinstance(value, celtypes.ListType):
+    # Not only ListType/MapType: some celpy operations (list + list) return
+    # plain Python lists that still hold celpy values.
+    if isinstance(value, (list, tuple)):
         return [_from_celpy(v) for v in value]
-    if isinstance(value, celtypes.MapType):
+    if isinstance(value, dict):
         return {_from_celpy(k): _from_celpy(v) for k, v in value.items()}
     return value
 

@@ -129,7 +129,8 @@ def cmd_token_inspect(args) -> int:
 
     key = load_or_create_signing_key(Path(args.state_dir) / "identity")
     try:
-        c = tokens.verify(args.token.strip(), tokens.VerifyKeys.from_private(key))
+        raw = args.token if args.token not in (None, "-") else sys.stdin.readline()
+        c = tokens.verify(raw.strip(), tokens.VerifyKeys.from_private(key))
     except tokens.TokenError as e:
         print(f"invalid token ({e.code}): {e}", file=sys.stderr)
         return 1
@@ -331,8 +332,9 @@ an invalid set is rejected and the last good one stays in force.""")
     m.add_argument("--json", action="store_true", help="print token, id and expiry as JSON")
     state(m)
     m.set_defaults(func=cmd_token_mint)
-    ins = t.add_parser("inspect", help="verify a token and print its claims")
-    ins.add_argument("token")
+    ins = t.add_parser("inspect", help="verify a token (read from stdin) and print its claims")
+    ins.add_argument("token", nargs="?", default="-",
+                     help="the token, or - (default) to read it from stdin so it stays out of `ps`")
     state(ins)
     ins.set_defaults(func=cmd_token_inspect)
     rv = t.add_parser("revoke", help="revoke a token by id (through the admin API)")

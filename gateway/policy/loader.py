@@ -126,7 +126,8 @@ def _load_file(name: str, text: str, engine, problems: list[Problem]) -> list[Co
         col = mark.column + 1 if mark else 1
         problems.append(Problem(name, line, col, f"invalid YAML: {getattr(e, 'problem', e)}"))
         return []
-    lines = text.splitlines()
+    # Split the way YAML breaks lines (str.splitlines also breaks on \v, \f...)
+    lines = _LINE_BREAK.split(text)
     out = []
     for doc in docs:
         if doc is None:
@@ -173,8 +174,67 @@ def _string(name: str, node: yaml.Node, what: str, problems: list[Problem]) -> s
     return value
 
 
-def _expr_position(node: yaml.ScalarNode, lines: list[str], eline: int, ecol: int) -> tuple[int, int]:
+_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+_ESCAPE_LENGTH = {"x": 4, "u": 6, "U": 10}
+
+
+def _value_positions(node: yaml.ScalarNode, lines: list[str], value: str) -> list[tuple[int, int]] | None:
+    """The 0-based (line, column) in the file of each character of ``value``
+    (the scalar's text after YAML processing), plus one for its end.
+
+    Walks the source from the node's start, skipping what YAML removes
+    (quotes, indentation, folded line breaks, escape sequences). Returns None
+    if the source and the value cannot be aligned.
+    """
+    style = node.style
+    li, ci = node.start_mark.line, node.start_mark.column
+    if style in ('"', "'"):
+        ci += 1
+    elif style in ("|", ">"):
+        li, ci = li + 1, 0  # content starts on the line after the indicator
+    out: list[tuple[int, int]] = []
+    for v in value:
+        while True:
+            if li >= len(lines):
+                return None
+            line = lines[li]
+            s = line[ci] if ci < len(line) else "\n"
+            if style == '"' and s == "\\":
+                nxt = line[ci + 1] if ci + 1 < len(line) else "\n"
+                if nxt == "\n":  # escaped line break: contributes nothing
+                    li, ci = li + 1, 0
+                    continue
+                out.append((li, ci))
+                ci += _ESCAPE_LENGTH.get(nxt, 2)
+                break
+            if style == "'" and s == "'" and line[ci + 1:ci + 2] == "'":
+                out.append((li, ci))
+                ci += 2
+                break
+            if s == v or (v == " " and s == "\n"):  # a folded line break reads as a space
+                out.append((li, ci))
+                li, ci = (li + 1, 0) if s == "\n" else (li, ci + 1)
+                break
+            if s in " \t\n":
+                li, ci = (li + 1, 0) if s == "\n" else (li, ci + 1)
+                continue
+            return None
+    out.append((li, ci))
+    return out
+
+
+def _expr_position(node: yaml.ScalarNode, lines: list[str], eline: int, ecol: int,
+                   source: str | None = None) -> tuple[int, int]:
     """Map a 1-based (line, column) inside an expression to the file."""
+    if source is not None:
+        positions = _value_positions(node, lines, source)
+        if positions is not None:
+            expr_lines = source.split("\n")
+            eline = max(1, min(eline, len(expr_lines)))
+            offset = sum(len(x) + 1 for x in expr_lines[:eline - 1]) + max(ecol, 1) - 1
+            li, ci = positions[min(offset, len(positions) - 1)]
+            return li + 1, ci + 1
+    # Fallback: exact for single-line scalars without escapes.
     line0, col0 = node.start_mark.line, node.start_mark.column
     style = node.style
     if style in ("|", ">"):
@@ -201,7 +261,7 @@ def _compile_expr(name: str, node: yaml.Node, what: str, lines, engine,
         tree = celexpr.parse(source)
         compiled = engine.compile(source, tree)
     except celexpr.CelCompileError as e:
-        line, col = _expr_position(node, lines, e.line, e.column)
+        line, col = _expr_position(node, lines, e.line, e.column, source)
         problems.append(Problem(name, line, col, f"{what}: {e.message}"))
         return None, None
     return compiled, tree

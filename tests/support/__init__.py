@@ -1,0 +1,1 @@
+"""Shared helpers for tests: test PKI, real upstream servers, process management."""
