@@ -158,7 +158,9 @@ def make_app(gw: Gateway, token: str) -> web.Application:
         if "addresses" in body:
             from gateway.addresses import classify
             from gateway.policy.model import Destination
-            dest = Destination(tuple(classify(a, self_addresses=gw.resolver.self_addresses)
+            if not isinstance(body["addresses"], list):
+                raise ValueError("addresses must be a list of IP addresses")
+            dest = Destination(tuple(classify(str(a), self_addresses=gw.resolver.self_addresses)
                                      for a in body["addresses"]), via="given")
         else:
             dest = await gw.resolver.resolve(host, port)

@@ -247,7 +247,10 @@ def cmd_policy_decide(args) -> int:
                   query=u.query, headers=headers, sni=host if u.scheme in ("https", "wss") else "")
     resolver = Resolver(parse_host_overrides(args.host) if args.host else None)
     if args.address:
-        dest = Destination(tuple(classify(a) for a in args.address), via="given")
+        try:
+            dest = Destination(tuple(classify(a) for a in args.address), via="given")
+        except ValueError as e:
+            raise CliError(f"--address: {e}") from None
     else:
         dest = resolver.resolve_static(host)
         if dest is None:

@@ -13,7 +13,8 @@ Semantics (docs/policy-language.md has the full reference):
   outcome had they been enforcing) but never decide.
 * SSRF: an allowed request whose destination has an internal address (see
   gateway.addresses) is denied unless the winning rule's ``allow_internal``
-  lists a range containing every such address.
+  lists a range containing every such address (and the internal IPv4
+  address embedded in it, if that is what makes it internal).
 
 Speed: the policies that apply to a principal are computed once per principal
 and cached; within a policy, rules are indexed by the literal host constraints
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import celexpr
+from gateway.addresses import is_internal
 from gateway.policy.model import (
     ALLOW, CODE_ALLOWED, CODE_DEFAULT_DENY, CODE_DNS, CODE_POLICY_DENY, CODE_SSRF, DENY,
     Decision, Destination, Outcome, Principal, Request,
@@ -58,6 +60,19 @@ class CompiledRule:
 
     def covers(self, address) -> bool:
         return any(address in net for net in self.allow_internal if net.version == address.version)
+
+    def covers_destination(self, c) -> bool:
+        """Whether ``allow_internal`` covers one classified address: a listed
+        range must contain the address and, when it embeds an internal IPv4
+        address (IPv4-mapped, 6to4, NAT64, Teredo...), that IPv4 address too.
+        Otherwise ``::ffff:0:0/96`` or ``2002::/16`` would open every internal
+        IPv4 address, the metadata service included."""
+        if not self.covers(c.address):
+            return False
+        effective = getattr(c, "effective", c.address)
+        if effective == c.address or not is_internal(effective):
+            return True
+        return self.covers(effective)
 
 
 @dataclass
@@ -296,7 +311,7 @@ class PolicySet:
         if destination.error:
             return Outcome(DENY, CODE_DNS, "dns", destination.error)
         for c in destination.addresses:
-            if c.internal and not any(r.covers(c.address) for r in candidates):
+            if c.internal and not any(r.covers_destination(c) for r in candidates):
                 return _ssrf_outcome(c)
         return None
 
@@ -313,14 +328,14 @@ def ssrf_violation(rule: CompiledRule, destination: Destination) -> Outcome | No
     if not destination.addresses:
         return Outcome(DENY, CODE_DNS, "dns", "destination did not resolve to any address")
     for c in destination.addresses:
-        if c.internal and not rule.covers(c.address):
+        if c.internal and not rule.covers_destination(c):
             return _ssrf_outcome(c)
     return None
 
 
 def _dial_address(rule: CompiledRule, destination: Destination) -> str | None:
     for c in destination.addresses:
-        if not c.internal or rule.covers(c.address):
+        if not c.internal or rule.covers_destination(c):
             return str(c.address)
     return None
 
