@@ -25,7 +25,8 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import TransparentMode

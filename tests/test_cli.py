@@ -1,0 +1,113 @@
+"""The ``egress`` command line: help that teaches, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT = REPO / "policies" / "default"
+
+
+def egress(*args, stdin: str | None = None, timeout: float = 60):
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, timeout=timeout, cwd=REPO)
+
+
+def test_help_lists_subcommands_and_examples():
+    r = egress("--help")
+    assert r.returncode == 0
+    for word in ("gateway", "token", "policy", "binding", "examples:"):
+        assert word in r.stdout
+    r = egress("token", "mint", "--help")
+    assert r.returncode == 0 and "HTTPS_PROXY=http://x:$TOKEN@" in r.stdout
+
+
+def test_policy_check_default_bundle_ok():
+    r = egress("policy", "check", DEFAULT, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ok"] and out["version"].startswith("sha256:") and out["rules"] >= 5
+
+
+def test_policy_check_reports_position(tmp_path):
+    (tmp_path / "p.yaml").write_text(
+        "apiVersion: egress/v1\nkind: Policy\nname: p\nselector: 'true'\nrules:\n"
+        "  - action: allow\n    when: request.host == \n")
+    r = egress("policy", "check", tmp_path)
+    assert r.returncode == 1
+    assert f"{tmp_path / 'p.yaml'}:7:" in r.stderr or "p.yaml:7:" in r.stderr
+    assert "egress: error:" in r.stderr
+
+
+def test_policy_check_missing_dir_is_usage_error(tmp_path):
+    r = egress("policy", "check", tmp_path / "nope")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "is not a directory" in r.stderr
+
+
+@pytest.mark.parametrize("method,url,extra,code,expect", [
+    ("GET", "http://demo.localhost:8000/", [], 0, "allowed"),
+    ("GET", "http://demo.localhost:8000/admin/x", [], 1, "policy_deny"),
+    ("GET", "http://169.254.169.254/latest/meta-data/", [], 1, "ssrf_blocked"),
+    ("GET", "http://0x7f000001:8000/", [], 1, "ssrf_blocked"),
+    ("TRACE", "http://demo.localhost:8000/", [], 1, "policy_deny"),
+    ("GET", "https://example.com/", ["--address", "10.0.0.5"], 1, "ssrf_blocked"),
+    ("GET", "https://example.com/", ["--address", "93.184.216.34"], 0, "allowed"),
+])
+def test_policy_decide_default_bundle(method, url, extra, code, expect):
+    r = egress("policy", "decide", "--tenant", "demo", "--agent", "a1", method, url, *extra)
+    assert r.returncode == code, r.stdout + r.stderr
+    assert json.loads(r.stdout)["code"] == expect
+
+
+def test_policy_decide_bad_address():
+    r = egress("policy", "decide", "--tenant", "demo", "--agent", "a1", "--address", "nope", "GET", "http://x/")
+    assert r.returncode == 2 and "--address" in r.stderr
+
+
+def test_token_mint_and_inspect(tmp_path):
+    r = egress("token", "mint", "--tenant", "demo", "--agent", "a1", "--label", "team=red", "--ttl", "2h",
+               "--state-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    tok = r.stdout.strip()
+    assert tok.startswith("egt1.")
+    key = tmp_path / "identity" / "signing-key.pem"
+    assert key.stat().st_mode & 0o777 == 0o600
+    r = egress("token", "inspect", "--state-dir", tmp_path, stdin=tok + "\n")
+    assert r.returncode == 0, r.stderr
+    claims = json.loads(r.stdout)
+    assert claims["tenant"] == "demo" and claims["labels"] == {"team": "red"}
+    assert 7100 < claims["expires_at"] - claims["issued_at"] <= 7200
+    other = tmp_path / "other"
+    r = egress("token", "inspect", "--state-dir", other, stdin=tok)
+    assert r.returncode == 1 and "unknown_key" in r.stderr and tok not in r.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--tenant", "bad tenant", "--agent", "a"], "tenant"),
+    (["--tenant", "t", "--agent", "a", "--ttl", "40d"], "ttl"),
+    (["--tenant", "t", "--agent", "a", "--ttl", "soon"], "invalid duration"),
+])
+def test_token_mint_errors(tmp_path, args, msg):
+    r = egress("token", "mint", *args, "--state-dir", tmp_path)
+    assert r.returncode == 2
+    assert msg in r.stderr.lower()
+
+
+def test_gateway_run_config_errors(tmp_path):
+    r = egress("gateway", "run", "--listen", "nope", "--state-dir", tmp_path)
+    assert r.returncode == 2 and "listen" in r.stderr and "HOST:PORT" in r.stderr
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("listn: 1.2.3.4:5\n")
+    r = egress("gateway", "run", "--config", cfg, "--state-dir", tmp_path)
+    assert r.returncode == 2 and "unknown setting(s) listn" in r.stderr
+
+
+def test_admin_commands_without_gateway(tmp_path):
+    r = egress("token", "revoke", "abcdefgh12345678", "--admin-url", "http://127.0.0.1:9", "--state-dir", tmp_path)
+    assert r.returncode == 3 and "cannot reach the admin API" in r.stderr
