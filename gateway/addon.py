@@ -270,6 +270,20 @@ class EgressGateway:
         host_header = req.host_header or ""
         hh = _split_host_header(host_header, default_port) if host_header else None
         try:
+            # An HTTP/1 absolute-form target (``GET http://name/ HTTP/1.1``) in
+            # transparent mode or inside a CONNECT tunnel is forwarded by
+            # mitmproxy as it is, and the upstream then routes by that authority
+            # and ignores Host (RFC 9112, 3.2.2). It must name the same host and
+            # port as Host, and goes on in origin-form. (In plain explicit mode
+            # mitmproxy has already made it origin-form; HTTP/2 has no such form.)
+            if (req.authority and req.method != "CONNECT" and not (req.is_http2 or req.is_http3)
+                    and (transparent or (state is not None and state.target is not None))):
+                target = _split_host_header(req.authority, default_port)
+                if (target is None or hh is None or target[1] != hh[1]
+                        or not _same_host(normalise_host(target[0]), normalise_host(hh[0]))):
+                    return self._mismatch(flow, principal, f"request target authority {req.authority} differs "
+                                                           f"from Host {host_header}")
+                req.authority = ""
             if transparent:
                 names = []
                 if client_sni:

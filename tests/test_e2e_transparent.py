@@ -19,7 +19,7 @@ import socket
 import sys
 import textwrap
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -45,7 +45,7 @@ rules:
     reason: Sandboxes may not use the forbidden area.
   - name: upstream-get
     action: allow
-    when: request.method == "GET" && request.host in ["upstream.test", "metadata.test"]
+    when: request.method == "GET" && request.host in ["upstream.test", "metadata.test", "wrong-cert.test"]
     reason: Sandboxes may read from the test upstream.
     allow_internal: ["127.0.0.0/8"]
 """
@@ -53,6 +53,8 @@ rules:
 HOSTS = {
     "upstream.test": "127.0.0.1",
     "other.test": "127.0.0.1",
+    # allowed by the policy, but the upstream's certificate does not name it
+    "wrong-cert.test": "127.0.0.1",
     # allowed by the policy by name, but resolves to cloud metadata: the SSRF guard must refuse it
     "metadata.test": "169.254.169.254",
 }
@@ -98,7 +100,6 @@ class Env:
     sink: Sink
     tport: int
     tmp: Path
-    notes: list[str] = field(default_factory=list)
 
     # -- bindings ---------------------------------------------------------------------
     def bind(self, address: str | None = None, tenant: str = TENANT, agent: str = "sandbox-1") -> None:
@@ -127,17 +128,19 @@ def env(tmp_path_factory):
         sink = Sink(sb.host_ip)
         tport = free_port(sb.host_ip)
         gw = start_gateway(tmp, pol, hosts=HOSTS, upstream_ca=[ups.ca.cert], transparent=(sb.host_ip, tport))
-        wait_for_port(sb.host_ip, tport, timeout=10)
         sb.redirect([ups.http_port, ups.https_port, sink.port], tport)
+        # (after the redirect: with conntrack active, the probe's SO_ORIGINAL_DST lookup succeeds)
+        wait_for_port(sb.host_ip, tport, timeout=10)
         yield Env(sb, gw, ups, sink, tport, tmp)
     finally:
-        if gw is not None:
-            gw.stop()
-        if ups is not None:
-            ups.stop()
-        if sink is not None:
-            sink.close()
-        problems = sb.close()
+        problems: list[str] = []
+        for thing in (gw, ups, sink):  # each one even if another fails; the sandbox last
+            if thing is not None:
+                try:
+                    thing.stop() if hasattr(thing, "stop") else thing.close()
+                except Exception as e:  # pragma: no cover - keep tearing down
+                    problems.append(f"stopping {thing!r}: {e}")
+        problems += sb.close()
         left = sb.leftovers()
         assert not problems and not left, f"sandbox teardown incomplete: {problems} {left}"
 
@@ -263,6 +266,17 @@ def test_unredirected_port_from_sandbox_is_dropped(env):
     assert r.rc != 0 and r.status == 0
 
 
+def test_direct_connection_to_transparent_port_goes_nowhere(bound):
+    """Connecting to the gateway's own port (no NAT) leaves the gateway with
+    its own address as original destination: nothing is reached."""
+    env = bound
+    before = env.ups.stats()["requests"]
+    r = curl(env, f"http://{env.sb.host_ip}:{env.tport}/echo/direct", "-H",
+             f"Host: upstream.test:{env.ups.http_port}")
+    assert r.status in (403, 502), (r.rc, r.stderr, r.body)
+    assert env.ups.stats()["requests"] == before and env.sink.accepted == []
+
+
 # -- 1. bound source: allowed ---------------------------------------------------------------------
 
 def test_bound_source_http_allowed(bound):
@@ -299,19 +313,34 @@ def test_bound_source_https_allowed(bound):
     assert ev["source"] == env.sb.ns_ip and ev["dial"] == "127.0.0.1"
 
 
-def test_bound_source_https_http11_and_keepalive(bound):
-    """Two requests on one intercepted TLS connection (HTTP/1.1), both checked."""
+@pytest.mark.parametrize("version", ["--http1.1", "--http2"])
+def test_every_request_on_a_reused_connection_is_checked(bound, version):
+    """Two requests on one intercepted TLS connection: the first allowed, the
+    second denied by a rule; curl reports no new connect for the second."""
     env = bound
     port = env.ups.https_port
-    r = curl(env, f"https://upstream.test:{port}/echo/ka1", "--http1.1", "--cacert", str(env.gw.ca_cert),
-             "--resolve", f"upstream.test:{port}:{env.sb.host_ip}",
-             "--next", "-sS", "--http1.1", "--noproxy", "*", "--cacert", str(env.gw.ca_cert),
-             "--resolve", f"upstream.test:{port}:{env.sb.host_ip}", f"https://upstream.test:{port}/echo/ka2")
-    assert r.rc == 0, r.stderr
-    assert r.status == 200
-    assert {"/echo/ka1", "/echo/ka2"} <= set(served(env))
-    assert last_event(env, "/echo/ka1")["decision"] == "allow"
-    assert last_event(env, "/echo/ka2")["decision"] == "allow"
+    tag = version.strip("-").replace(".", "")
+    r = env.sb.run(["curl", "-sS", "--noproxy", "*", "--max-time", "10", version, "--cacert", str(env.gw.ca_cert),
+                    "--resolve", f"upstream.test:{port}:{env.sb.host_ip}", "-o", "/dev/null", "-o", "/dev/null",
+                    "-w", "%{http_code} %{num_connects} %{http_version}\\n",
+                    f"https://upstream.test:{port}/echo/ka-{tag}",
+                    f"https://upstream.test:{port}/echo/forbidden-ka-{tag}"])
+    assert r.returncode == 0, r.stderr
+    first, second = [line.split() for line in r.stdout.split("\n") if line.strip()]
+    assert first[:2] == ["200", "1"] and second[:2] == ["403", "0"], r.stdout
+    assert first[2] == second[2] == ("1.1" if tag == "http11" else "2")
+    paths = served(env)
+    assert f"/echo/ka-{tag}" in paths and f"/echo/forbidden-ka-{tag}" not in paths
+    assert last_event(env, f"/echo/forbidden-ka-{tag}")["rule"] == "sandbox/no-forbidden-path"
+
+
+def test_upstream_certificate_is_verified_by_name(bound):
+    """wrong-cert.test is allowed and maps to the upstream, whose certificate
+    does not name it (it does name 127.0.0.1): the gateway must refuse."""
+    env = bound
+    r = curl_https(env, "/echo/wrong-cert", "wrong-cert.test")
+    assert r.status == 502, (r.rc, r.stderr, r.body)
+    assert "/echo/wrong-cert" not in served(env)
 
 
 def test_gateway_ca_is_what_the_sandbox_sees(bound):
@@ -328,7 +357,7 @@ def test_gateway_ca_is_what_the_sandbox_sees(bound):
 
 def test_unbound_source_gets_identity_required(env):
     env.unbind()
-    before = served(env)
+    before = env.ups.stats()["requests"]
     r = curl_http(env, "/echo/unbound-http")
     assert r.status == 403, r.body
     assert "proxy-authenticate" not in r.headers
@@ -340,7 +369,7 @@ def test_unbound_source_gets_identity_required(env):
     assert "proxy-authenticate" not in rs.headers
     after = served(env)
     assert "/echo/unbound-http" not in after and "/echo/unbound-https" not in after
-    assert len(after) == len(before)
+    assert env.ups.stats()["requests"] == before
     ev = env.gw.decision_for(body["request_id"])
     assert ev["decision"] == "deny" and ev["identity_error"] == "unbound"
     assert ev["source"] == env.sb.ns_ip and "principal" not in ev
@@ -437,6 +466,28 @@ def test_sni_case_and_port_in_host_agree(bound):
     assert r.status == 200, r.body
 
 
+def test_absolute_form_target_must_match_host(bound):
+    """``GET http://other/ HTTP/1.1`` with ``Host: upstream.test``: an upstream
+    routes by the absolute-form authority (RFC 9112 3.2.2), so it must agree
+    with the Host that policy checked."""
+    env = bound
+    p = env.ups.http_port
+    for target in (f"http://other.test:{p}/echo/abs-other", "http://169.254.169.254/echo/abs-meta"):
+        out = raw_tcp(env, p, f"GET {target} HTTP/1.1\r\nHost: upstream.test:{p}\r\nConnection: close\r\n\r\n")
+        assert out["received"].startswith("HTTP/1.1 403"), out
+        assert '"destination_mismatch"' in out["received"]
+    assert not any("abs-" in path for path in served(env))
+
+
+def test_absolute_form_target_that_agrees_is_sent_in_origin_form(bound):
+    env = bound
+    p = env.ups.http_port
+    out = raw_tcp(env, p, f"GET http://upstream.test:{p}/echo/abs-ok HTTP/1.1\r\nHost: upstream.test:{p}\r\n"
+                          f"Connection: close\r\n\r\n")
+    assert out["received"].startswith("HTTP/1.1 200"), out
+    assert "/echo/abs-ok" in served(env)  # origin-form, not http://...
+
+
 # -- 5. SSRF ----------------------------------------------------------------------------------------
 
 def test_ssrf_blocked_in_transparent_mode(bound):
@@ -523,3 +574,18 @@ def test_explicit_mode_still_works_alongside(env):
     # and without a token, explicit mode still answers 407
     s.proxies = env.gw.proxies(None)
     assert s.get(f"http://upstream.test:{env.ups.http_port}/echo/explicit-anon").status_code == 407
+
+
+def test_explicit_tunnel_absolute_form_target_must_match_host(env):
+    """The same absolute-form check inside an explicit-mode CONNECT tunnel."""
+    from tests.support.gateway import raw_connect, read_response
+    p = env.ups.http_port
+    sock, resp = raw_connect(env.gw.proxy_port, f"upstream.test:{p}", env.gw.mint(TENANT, "explicit-agent"))
+    with sock:
+        assert resp.status == 200
+        sock.sendall(f"GET http://other.test:{p}/echo/abs-tunnel HTTP/1.1\r\nHost: upstream.test:{p}\r\n"
+                     f"Connection: close\r\n\r\n".encode())
+        r = read_response(sock)
+    assert r.status == 403 and r.json()["code"] == "destination_mismatch"
+    assert "http://other.test:{p}/echo/abs-tunnel".format(p=p) not in served(env)
+    assert "/echo/abs-tunnel" not in served(env)
