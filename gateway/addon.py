@@ -177,6 +177,8 @@ class EgressGateway:
     def _deny(self, flow: http.HTTPFlow, code: str, reason: str, *, principal=None, request=None,
               identity_code: str = "", proxy_auth: bool = False, destination=None) -> None:
         d = deny_decision(code, reason, self.gw.policies.version)
+        if request is None:
+            request = _raw_request(flow)
         self.gw.record(request_id=flow.id, principal=principal, request=request, decision=d,
                        source=_peer(flow), identity_code=identity_code, destination=destination)
         self._respond(flow, d, proxy_auth=proxy_auth)
@@ -380,6 +382,19 @@ class EgressGateway:
 
     def udp_start(self, flow) -> None:
         flow.kill()
+
+
+def _raw_request(flow) -> Request | None:
+    """What was asked, as sent (for audit events of requests refused before
+    the host could be checked)."""
+    try:
+        r = flow.request
+        transparent = isinstance(flow.client_conn.proxy_mode, TransparentMode)
+        return Request(host=(r.pretty_host or "")[:255].lower(), port=r.port, scheme=r.scheme, method=r.method,
+                       path=r.path.partition("?")[0][:2048], sni=(flow.client_conn.sni or ""),
+                       mode="transparent" if transparent else "explicit")
+    except Exception:  # pragma: no cover - audit must not fail the deny
+        return None
 
 
 def _unavailable(flow) -> None:

@@ -250,6 +250,24 @@ class RustExpr:
             raise CelEvalError(f"{type(e).__name__}: {e}") from None
 
 
+def _position_before_rewrite(source: str, rewritten: str, tree: lark.Tree, line: int, col: int) -> tuple[int, int]:
+    """Map a 1-based (line, column) in the ``matches``-rewritten text back to
+    ``source`` (each rewrite makes the text len(REGEX_FUNCTION) - 7 longer)."""
+    if rewritten == source:
+        return line, col
+    lines = rewritten.split("\n")
+    if not 1 <= line <= len(lines):
+        return line, col
+    offset = sum(len(x) + 1 for x in lines[:line - 1]) + col - 1
+    grow = len(REGEX_FUNCTION) - len("matches")
+    starts = sorted(token.start_pos for token, _ in _iter_matches_calls(tree))
+    # the k-th rewritten name starts at its original position + k * grow
+    shift = sum(grow for k, pos in enumerate(starts) if pos + k * grow < offset)
+    offset = max(0, offset - shift)
+    before = source[:offset]
+    return before.count("\n") + 1, offset - (before.rfind("\n") + 1) + 1
+
+
 class RustEngine:
     """The fast engine: ``common-expression-language`` (Rust core)."""
 
@@ -265,7 +283,8 @@ class RustEngine:
             msg = str(e)
             m = _RUST_ERROR_POS.search(msg)
             if m:
-                raise CelCompileError(m.group(3).strip(), int(m.group(1)), int(m.group(2))) from None
+                line, col = _position_before_rewrite(source, rewritten, tree, int(m.group(1)), int(m.group(2)))
+                raise CelCompileError(m.group(3).strip(), line, col) from None
             raise CelCompileError(msg.splitlines()[0] if msg else "invalid expression") from None
         return RustExpr(source, program)
 

@@ -76,6 +76,41 @@ class Gateway:
         self.resolver = Resolver(config.hosts, self_addresses=config.self_addresses)
         self.store = PolicyStore(config.policies, engine=self.engine, on_reload=self._on_reload)
         self.started = time.time()
+        self._own = self._own_endpoints(config)
+
+    @staticmethod
+    def _own_endpoints(config: GatewayConfig) -> tuple[frozenset[int], frozenset]:
+        """The gateway's own listening ports and addresses: never a destination,
+        whatever a policy allows (a sandbox must not reach the admin API)."""
+        import ipaddress
+
+        from gateway.config import parse_hostport
+        ports, addrs = set(), set()
+        for spec in config.mode_specs():
+            ports.add(spec.port)
+            addrs.add(spec.host)
+        if config.admin:
+            h, p = parse_hostport(config.admin, "admin")
+            ports.add(p)
+            addrs.add(h)
+        addrs.update(config.self_addresses)
+        ips = set()
+        for a in addrs:
+            try:
+                ips.add(ipaddress.ip_address(a))
+            except ValueError:
+                pass
+        return frozenset(ports), frozenset(ips)
+
+    def is_own_endpoint(self, address: str, port: int) -> bool:
+        import ipaddress
+        ports, ips = self._own
+        if port not in ports:
+            return False
+        ip = ipaddress.ip_address(address)
+        mapped = getattr(ip, "ipv4_mapped", None)
+        ip = mapped or ip
+        return ip.is_loopback or ip.is_unspecified or ip in ips
 
     # -- policies -------------------------------------------------------------
 
@@ -118,6 +153,10 @@ class Gateway:
                 d = deny_decision(CODE_NO_POLICY, "no policy set is loaded", ps.version)
             else:
                 d = ps.decide(principal, request, destination)
+                if d.allowed and d.dial and self.is_own_endpoint(d.dial, request.port):
+                    d = Decision(DENY, "ssrf_blocked", "ssrf", f"{d.dial}:{request.port} is the gateway itself; "
+                                 "its own services are never reachable through it", d.policy_version,
+                                 shadow=d.shadow, errors=d.errors, evaluated=d.evaluated)
         except Exception:  # pragma: no cover - the engine is not supposed to raise
             log.exception("policy decision failed")
             d = deny_decision(CODE_INTERNAL_ERROR, "the gateway could not evaluate its policies", ps.version)

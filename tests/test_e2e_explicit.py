@@ -32,7 +32,7 @@ rules:
     reason: Agents of acme may not delete anything.
   - name: upstream
     action: allow
-    when: request.host in ["upstream.test", "api.upstream.test", "wrong-cert.test"]
+    when: request.host in ["upstream.test", "api.upstream.test", "wrong-cert.test", "gateway-self.test"]
     reason: acme may use the test upstream.
     allow_internal: ["127.0.0.0/8", "::1/128"]
 ---
@@ -90,7 +90,8 @@ def env(tmp_path_factory):
     pol = tmp / "policies"
     pol.mkdir()
     (pol / "10-test.yaml").write_text(POLICY)
-    hosts = {"upstream.test": "127.0.0.1", "api.upstream.test": "127.0.0.1", "wrong-cert.test": "127.0.0.1"}
+    hosts = {"upstream.test": "127.0.0.1", "api.upstream.test": "127.0.0.1", "wrong-cert.test": "127.0.0.1",
+             "gateway-self.test": "127.0.0.1"}
     hosts.update({n: a for n, (a, _) in SSRF_HOSTS.items()})
     gw = start_gateway(tmp, pol, hosts=hosts, upstream_ca=[ups.ca.cert],
                        config={"self_addresses": ["127.0.0.2"]})
@@ -356,6 +357,25 @@ def test_ssrf_guard_does_not_block_explicitly_allowed_range(env):
     assert ok.status_code == 200
     no = session(gw, gw.mint("ssrf", "a")).get(f"http://upstream.test:{ups.http_port}/echo/refused-internal")
     assert no.status_code == 403 and no.json()["code"] == "ssrf_blocked"
+
+
+def test_gateway_own_ports_never_reachable(env):
+    """Even a rule that allows loopback cannot reach the gateway's admin API or proxy port."""
+    gw, ups = env
+    s = session(gw, gw.mint("acme", "a"))
+    for port in (gw.admin_port, gw.proxy_port):
+        r = s.get(f"http://gateway-self.test:{port}/healthz")
+        assert r.status_code == 403, r.text
+        assert r.json()["code"] == "ssrf_blocked" and "the gateway itself" in r.json()["reason"]
+    assert s.get(f"http://gateway-self.test:{ups.http_port}/echo/self-ok").status_code == 200
+
+
+def test_identity_denials_are_audited_with_the_request(env):
+    gw, ups = env
+    resp = _status_and_body(gw, ups, None)
+    ev = gw.decision_for(resp.json()["request_id"])
+    assert ev["identity_error"] == "missing"
+    assert ev["request"]["host"] == "upstream.test" and ev["request"]["path"] == "/echo/ident"
 
 
 # -- helpers --------------------------------------------------------------------------------------

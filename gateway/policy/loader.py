@@ -272,7 +272,7 @@ def _load_policy(name: str, doc: yaml.Node, lines, engine, problems: list[Proble
     m = _mapping(name, doc, "policy", POLICY_KEYS, problems)
     if m is None:
         return None
-    line = _pos(doc)[0]
+    line, column = _pos(doc)
     if "apiVersion" in m:
         v = _string(name, m["apiVersion"][1], "apiVersion", problems)
         if v is not None and v != API_VERSION:
@@ -284,7 +284,7 @@ def _load_policy(name: str, doc: yaml.Node, lines, engine, problems: list[Proble
             problems.append(Problem(name, *_pos(m["kind"][1]), f"unsupported kind {v!r} (expected 'Policy')"))
     for required in ("name", "selector", "rules"):
         if required not in m:
-            problems.append(Problem(name, line, 1, f"policy is missing required key {required!r}"))
+            problems.append(Problem(name, line, column, f"policy is missing required key {required!r}"))
     pname = None
     if "name" in m:
         pname = _string(name, m["name"][1], "policy name", problems)
@@ -314,7 +314,7 @@ def _load_policy(name: str, doc: yaml.Node, lines, engine, problems: list[Proble
                 if r is None:
                     continue
                 if r.name in names:
-                    problems.append(Problem(name, r.line, 1, f"rule name {r.name!r} is used twice in this policy"))
+                    problems.append(Problem(name, *_name_pos(item), f"rule name {r.name!r} is used twice in this policy"))
                 names.add(r.name)
                 rules.append(r)
     if len(problems) > n_before or pname is None:
@@ -323,12 +323,20 @@ def _load_policy(name: str, doc: yaml.Node, lines, engine, problems: list[Proble
                           selector=selector, selector_tree=selector_tree, rules=rules)
 
 
+def _name_pos(node: yaml.Node) -> tuple[int, int]:
+    """Where a mapping's ``name`` value is (else where the mapping starts)."""
+    for k, v in getattr(node, "value", ()):
+        if isinstance(k, yaml.ScalarNode) and k.value == "name":
+            return _pos(v)
+    return _pos(node)
+
+
 def _load_rule(name: str, node: yaml.Node, index: int, lines, engine, problems: list[Problem]):
     n_before = len(problems)
     m = _mapping(name, node, "rule", RULE_KEYS, problems)
     if m is None:
         return None
-    line = _pos(node)[0]
+    line, column = _pos(node)
     rname = f"rule-{index + 1}"
     if "name" in m:
         rname = _string(name, m["name"][1], "rule name", problems) or rname
@@ -337,14 +345,15 @@ def _load_rule(name: str, node: yaml.Node, index: int, lines, engine, problems: 
                                     f"rule name {rname!r} must be lowercase letters, digits, '.', '_' or '-'"))
     action = None
     if "action" not in m:
-        problems.append(Problem(name, line, 1, "rule is missing required key 'action'"))
+        problems.append(Problem(name, line, column, "rule is missing required key 'action'"))
     else:
         action = _string(name, m["action"][1], "action", problems)
         if action is not None and action not in ACTIONS:
             problems.append(Problem(name, *_pos(m["action"][1]), f"action must be allow or deny, got {action!r}"))
     when = tree = None
     if "when" not in m:
-        problems.append(Problem(name, line, 1, "rule is missing required key 'when' (use 'true' to match everything)"))
+        problems.append(Problem(name, line, column,
+                                "rule is missing required key 'when' (use 'true' to match everything)"))
     else:
         when, tree = _compile_expr(name, m["when"][1], "when expression", lines, engine, problems)
     reason = ""
