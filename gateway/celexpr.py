@@ -110,10 +110,11 @@ def compile_regex(pattern: str) -> re.Pattern:
 # "{,n}" (a repeat to re >= 3.12, literal text to RE2) and "\B" (never matches
 # an empty string in re). Text that is read differently: "$" also matches
 # before a final "\n" in re, "\s" includes "\v" in re but not in RE2, and
-# "(?i)" folds only ASCII letters in re. Patterns holding one of these
-# constructs always run with RE2, and so does any text that is not ASCII or
-# holds "\n" or "\v"; what is left gives the same answer with both (checked by
-# a differential test).
+# "(?i)" folds only ASCII letters in re (so "(?i)\u212a", the Kelvin sign,
+# matches "k" in RE2 only). Patterns holding one of these constructs or any
+# non-ASCII character always run with RE2, and so does any text that is not
+# ASCII or holds "\n" or "\v"; what is left gives the same answer with both
+# (checked by a differential test).
 _RE2_ONLY_CONSTRUCTS = ("[:", "{,", "\\B")
 
 
@@ -124,7 +125,7 @@ def _matcher(pattern: str):
     if _re2 is None:  # pragma: no cover - re2 is a dependency of cel-python
         return lambda text: fast(text) is not None
     exact = _re2.compile(pattern, _RE2_OPTIONS).search
-    if any(c in pattern for c in _RE2_ONLY_CONSTRUCTS):
+    if not pattern.isascii() or any(c in pattern for c in _RE2_ONLY_CONSTRUCTS):
         return lambda text: exact(text) is not None
 
     def search(text: str) -> bool:
@@ -161,8 +162,22 @@ def parse(source: str) -> lark.Tree:
     except celparser.CELParseError as e:
         line = getattr(e, "line", None) or 1
         col = getattr(e, "column", None) or 1
-        first = str(e.args[0]).splitlines()[0] if e.args else "syntax error"
-        raise CelCompileError(f"syntax error: {first}".strip(), line, col) from None
+        cause = e.__cause__ or e.__context__
+        token = getattr(cause, "token", None)
+        if isinstance(cause, lark.exceptions.UnexpectedEOF) or (
+                isinstance(token, lark.Token) and token.type == "$END"):
+            # point just after the last character rather than at the last token
+            text = source.rstrip()
+            line = text.count("\n") + 1
+            col = len(text) - (text.rfind("\n") + 1) + 1
+            message = "syntax error: unexpected end of expression"
+        elif isinstance(cause, lark.exceptions.UnexpectedCharacters):
+            message = f"syntax error: unexpected character {cause.char!r}"
+        elif isinstance(token, lark.Token):
+            message = f"syntax error: unexpected {str(token)!r}"
+        else:
+            message = "syntax error"
+        raise CelCompileError(message, line, col) from None
     except Exception as e:  # lark errors that celpy did not wrap
         raise CelCompileError(f"syntax error: {e}", getattr(e, "line", 1) or 1,
                               getattr(e, "column", 1) or 1) from None

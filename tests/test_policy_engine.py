@@ -770,3 +770,76 @@ def test_internal_ranges_in_the_bundle_are_valid_networks(bundle):
     nets = {str(n) for p in bundle.policies for r in p.rules for n in r.allow_internal}
     assert nets == {"127.0.0.0/8", "::1/128"}
     assert all(isinstance(ipaddress.ip_network(n), (ipaddress.IPv4Network, ipaddress.IPv6Network)) for n in nets)
+
+
+# ---------------------------------------------------------------------------
+# The examples in docs/policy-language.md decide as documented
+
+
+def _doc_policies() -> dict[str, PolicySet]:
+    """Each YAML block of the reference, compiled on its own, by the name of its first policy."""
+    import re
+    text = (REPO / "docs" / "policy-language.md").read_text(encoding="utf-8")
+    out = {}
+    for block in re.findall(r"```yaml\n(.*?)```", text, re.S):
+        if block.startswith("# invalid"):
+            continue
+        name = next(yaml.safe_load_all(block))["name"]
+        out[name] = compile_sources([(f"{name}.yaml", block)])
+    return out
+
+
+def test_documented_examples():
+    docs = _doc_policies()
+    acme, beta = Principal.make("acme", "a"), Principal.make("beta", "b")
+
+    ps = docs["acme-github"]
+    assert ps.decide(acme, req("api.github.com", path="/repos"), PUBLIC).rule == "acme-github/github-read"
+    d = ps.decide(acme, req("api.github.com", "POST", path="/repos"), PUBLIC)
+    assert (d.code, d.rule, d.reason) == ("policy_deny", "acme-github/no-writes",
+                                          "Agents of acme have read-only GitHub access.")
+    assert ps.decide(acme, req("gitlab.com"), PUBLIC).code == "default_deny"
+    assert ps.decide(beta, req("api.github.com", path="/repos"), PUBLIC).code == "default_deny"
+
+    ps = docs["build-cache"]
+    builder = Principal.make("acme", "a", labels={"team": "build"})
+    d = ps.decide(builder, req("cache.corp", "PUT", scheme="http", port=80), dest("10.20.1.5"))
+    assert (d.code, d.rule, d.dial) == ("allowed", "build-cache/cache", "10.20.1.5")
+    assert ps.decide(builder, req("cache.corp", scheme="http", port=80), dest("10.30.0.1")).code == "ssrf_blocked"
+    d = ps.decide(acme, req("cache.corp", scheme="http", port=80), dest("10.20.1.5"))
+    assert d.code == "default_deny" and d.errors == ()  # the selector guards the label lookup
+
+    ps = docs["trial-no-uploads"]
+    d = ps.decide(acme, req("example.com", "POST"), PUBLIC)
+    assert (d.action, d.rule) == ("allow", "open-web/everything")
+    assert (d.shadow.action, d.shadow.code, d.shadow.rule) == ("deny", "policy_deny", "trial-no-uploads/no-uploads")
+
+    ps = docs["api-keys"]
+    assert ps.decide(acme, req(headers={"x-api-key": "k1"}), PUBLIC).rule == "api-keys/key"
+    assert ps.decide(acme, req(headers={"x-api-key": "k1", "cookie": "c"}), PUBLIC).rule == "api-keys/cookie"
+
+    ps = docs["red-team"]
+    red = Principal.make("x", "a", labels={"team": "red"})
+    assert ps.decide(red, req(method="HEAD"), PUBLIC).allowed
+    assert not ps.decide(red, req(method="POST"), PUBLIC).allowed
+    assert ps.decide(Principal.make("x", "a", labels={"team": "red"}, source="binding"), req(), PUBLIC).code \
+        == "default_deny"
+
+    ps = docs["no-literals"]
+    assert ps.decide(acme, req("10.0.0.1"), dest("10.0.0.1", via="literal")).rule == "no-literals/no-ip-literals"
+
+    ps = docs["office-hours"]
+    at = lambda *a: req(at=dt.datetime(*a, tzinfo=dt.timezone.utc))  # noqa: E731
+    assert ps.decide(acme, at(2029, 6, 1, 12), PUBLIC).rule == "office-hours/until-2030"
+    assert ps.decide(acme, at(2029, 6, 1, 7), PUBLIC).rule == "office-hours/not-at-night"
+
+    ps = docs["api-paths"]
+    assert ps.decide(acme, req("api.example.com", path="/v2/users/7"), PUBLIC).allowed
+    assert ps.decide(acme, req("api.example.com", path="/v2/usersx"), PUBLIC).code == "default_deny"
+    assert ps.decide(acme, req("api.example.com", path="/admin/v2/users"), PUBLIC).code == "default_deny"
+
+    ps = docs["guarded"]
+    red_ok = ps.decide(red, req(headers={}), PUBLIC)
+    assert red_ok.code == "default_deny" and red_ok.errors == ()
+    assert ps.decide(red, req(headers={"x-debug": "on"}), PUBLIC).rule == "guarded/debug-header"
+    assert ps.decide(red, req(headers={"x-debug": "off"}), PUBLIC).code == "default_deny"

@@ -314,7 +314,8 @@ def _load_policy(name: str, doc: yaml.Node, lines, engine, problems: list[Proble
                 if r is None:
                     continue
                 if r.name in names:
-                    problems.append(Problem(name, *_name_pos(item), f"rule name {r.name!r} is used twice in this policy"))
+                    problems.append(Problem(name, *_name_pos(item),
+                                            f"rule name {r.name!r} is used twice in this policy"))
                 names.add(r.name)
                 rules.append(r)
     if len(problems) > n_before or pname is None:
