@@ -27,6 +27,7 @@ import enum
 import ipaddress
 import re
 import unicodedata
+import functools
 from dataclasses import dataclass
 from typing import Iterable, Union
 
@@ -94,6 +95,11 @@ class Classification:
     @property
     def internal(self) -> bool:
         return self.klass in INTERNAL_CLASSES
+
+    @functools.cached_property
+    def text(self) -> str:
+        """``str(address)``, computed once (it is on the per-request path)."""
+        return str(self.address)
 
 
 # ---------------------------------------------------------------------------

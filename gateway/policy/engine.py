@@ -26,7 +26,8 @@ request fields some rule reads.
 from __future__ import annotations
 
 import datetime as _dt
-import ipaddress
+import operator
+from typing import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,18 @@ class CompiledRule:
     id: str = ""
     order: int = 0
     host: celexpr.Constraint | None = None
+    use: celexpr.FieldUse | None = None
+    outcome: Outcome | None = None  # what matching this rule decides (built once)
+
+    def get_outcome(self) -> Outcome:
+        o = self.outcome
+        if o is None:
+            if self.action == DENY:
+                o = Outcome(DENY, CODE_POLICY_DENY, self.id, self.reason or f"denied by rule {self.id}")
+            else:
+                o = Outcome(ALLOW, CODE_ALLOWED, self.id, self.reason or f"allowed by rule {self.id}")
+            self.outcome = o
+        return o
 
     def covers(self, address) -> bool:
         return any(address in net for net in self.allow_internal if net.version == address.version)
@@ -131,6 +144,43 @@ class _PrincipalPlan:
     cel: dict[str, Any]
     has_shadow: bool
     errors: tuple[str, ...]
+    routes: dict[str, "_Route"] = field(default_factory=dict)  # host -> rules that can match it
+
+
+@dataclass(eq=False)
+class _Route:
+    """For one (principal, host): the rules that can match, in order, and only
+    the inputs those rules read (converting values for CEL is the main cost)."""
+
+    rules: tuple[tuple[CompiledRule, bool], ...]  # (rule, in a shadow policy)
+    request_fields: frozenset[str] | None
+    request_headers: frozenset[str] | None
+    uses: frozenset[str]
+    # The CEL input is a pure function of the values these rules read, so the
+    # converted input can be memoised on exactly those values (None: not memoisable).
+    key_of: Callable[[Request], tuple] | None = None
+
+
+def _key_function(fields: frozenset[str] | None, headers: frozenset[str] | None, uses: frozenset[str]):
+    if fields is None or headers is None or "now" in uses:
+        return None
+    names = tuple(sorted(f for f in fields if f != "headers"))
+    getter = operator.attrgetter(*names) if names else None
+    hnames = tuple(sorted(headers)) if "headers" in fields else ()
+    if len(names) == 1:
+        if hnames:
+            return lambda r: (getter(r), tuple(map(r.headers.get, hnames)))
+        return lambda r: (getter(r),)
+    if getter is None:
+        return lambda r: tuple(map(r.headers.get, hnames))
+    if hnames:
+        return lambda r: (getter(r), tuple(map(r.headers.get, hnames)))
+    return getter
+
+
+_DEFAULT_DENY = Outcome(DENY, CODE_DEFAULT_DENY, None, DEFAULT_DENY_REASON)
+ROUTE_CACHE_SIZE = 1_000  # per principal
+ACTIVATION_CACHE_SIZE = 4_096
 
 
 class PolicySet:
@@ -142,6 +192,7 @@ class PolicySet:
         self.engine = engine
         self.files = list(files)
         self._principal_cache: dict[Principal, _PrincipalPlan] = {}
+        self._acts: dict[tuple, tuple] = {}  # memoised CEL inputs (see _Route.key_of)
         self._by_tenant: dict[str, list[int]] = {}
         self._any_tenant: list[int] = []
         use = celexpr.FieldUse()
@@ -158,7 +209,8 @@ class PolicySet:
                 rule.order = order
                 order += 1
                 rule.host = celexpr.constraint_on(rule.tree, HOST_PATH)
-                use.merge(celexpr.field_use(rule.tree, VARIABLES))
+                rule.use = celexpr.field_use(rule.tree, VARIABLES)
+                use.merge(rule.use)
             pol.build_index()
         self.rule_count = order
         # Only these parts of the inputs are converted for CEL.
@@ -204,11 +256,50 @@ class PolicySet:
 
     # -- decisions ----------------------------------------------------------
 
-    def _activation(self, plan: _PrincipalPlan, request: Request, destination: Destination):
+    def _route(self, plan: _PrincipalPlan, host: str) -> _Route:
+        route = plan.routes.get(host)
+        if route is not None:
+            return route
+        rules = []
+        use = celexpr.FieldUse()
+        for pol, selector_ok in plan.policies:
+            for i in pol.candidates(host):
+                rule = pol.rules[i]
+                if rule.action != DENY and not selector_ok:
+                    continue  # a policy whose selector failed only denies
+                rules.append((rule, pol.shadow))
+                use.merge(rule.use)
+        req = use.fields.get("request", set())
+        fields = None if req is None else frozenset(req)
+        headers = None if use.headers is None else frozenset(use.headers)
+        uses = frozenset(use.fields)
+        route = _Route(tuple(rules), fields, headers, uses, _key_function(fields, headers, uses))
+        if len(plan.routes) >= ROUTE_CACHE_SIZE:
+            plan.routes.clear()
+        plan.routes[host] = route
+        return route
+
+    def _activation(self, plan: _PrincipalPlan, route: _Route, request: Request, destination: Destination):
+        key_of = route.key_of
+        if key_of is None:
+            return self._build_activation(plan, route, request, destination)
+        uses = route.uses
+        key = (id(route), key_of(request), id(plan) if "principal" in uses else 0,
+               destination if "destination" in uses else None)
+        hit = self._acts.get(key)
+        if hit is not None and hit[0] is route and hit[1] is plan:
+            return hit[2]
+        act = self._build_activation(plan, route, request, destination)
+        if len(self._acts) >= ACTIVATION_CACHE_SIZE:
+            self._acts.clear()
+        self._acts[key] = (route, plan, act)
+        return act
+
+    def _build_activation(self, plan: _PrincipalPlan, route: _Route, request: Request, destination: Destination):
         variables: dict[str, Any] = {}
-        uses = self._uses
+        uses = route.uses
         if "request" in uses:
-            variables["request"] = request.to_cel(self._request_fields, self._request_headers)
+            variables["request"] = request.to_cel(route.request_fields, route.request_headers)
         if "principal" in uses:
             variables["principal"] = plan.cel
         if "destination" in uses:
@@ -220,59 +311,52 @@ class PolicySet:
     def decide(self, principal: Principal, request: Request, destination: Destination) -> Decision:
         plan = self._plan(principal)
         errors: list[str] = list(plan.errors)
-        host = request.host
+        route = self._route(plan, request.host)
+        has_shadow = plan.has_shadow
         act = None
         evaluated = 0
         enf_deny = enf_allow = any_deny = any_allow = None
-        for pol, selector_ok in plan.policies:
-            shadow = pol.shadow
-            rules = pol.rules
-            for i in pol.candidates(host):
-                rule = rules[i]
-                is_deny = rule.action == DENY
-                if is_deny:
-                    # a deny matters until the first one of its kind is found
-                    if (any_deny if shadow else enf_deny) is not None:
-                        continue
-                else:
-                    if not selector_ok:
-                        continue
-                    shadow_open = plan.has_shadow and any_deny is None and any_allow is None
-                    if shadow:
-                        if not shadow_open:
-                            continue
-                    elif (enf_deny is not None or enf_allow is not None) and not shadow_open:
-                        continue
-                if act is None:
-                    act = self._activation(plan, request, destination)
-                evaluated += 1
-                try:
-                    value = rule.when.evaluate(act)
-                    if value is True:
-                        matched = True
-                    elif value is False:
-                        matched = False
-                    else:
-                        raise celexpr.CelEvalError(f"when must be a bool, got {type(value).__name__}")
-                except celexpr.CelEvalError as e:
-                    errors.append(f"{rule.id}: {e}")
-                    matched = is_deny  # fail closed
-                if not matched:
+        for rule, shadow in route.rules:
+            is_deny = rule.action == DENY
+            if is_deny:
+                # a deny matters until the first one of its kind is found
+                if (any_deny if shadow else enf_deny) is not None:
                     continue
-                if is_deny:
-                    if any_deny is None:
-                        any_deny = rule
-                    if not shadow:
-                        enf_deny = rule
-                        if not plan.has_shadow:
-                            break
+            else:
+                shadow_open = has_shadow and any_deny is None and any_allow is None
+                if shadow:
+                    if not shadow_open:
+                        continue
+                elif (enf_deny is not None or enf_allow is not None) and not shadow_open:
+                    continue
+            if act is None:
+                act = self._activation(plan, route, request, destination)
+            evaluated += 1
+            try:
+                value = rule.when.evaluate(act)
+                if value is True:
+                    matched = True
+                elif value is False:
+                    matched = False
                 else:
-                    if any_allow is None:
-                        any_allow = rule
-                    if not shadow and enf_allow is None:
-                        enf_allow = rule
-            if enf_deny is not None and not plan.has_shadow:
-                break
+                    raise celexpr.CelEvalError(f"when must be a bool, got {type(value).__name__}")
+            except celexpr.CelEvalError as e:
+                errors.append(f"{rule.id}: {e}")
+                matched = is_deny  # fail closed
+            if not matched:
+                continue
+            if is_deny:
+                if any_deny is None:
+                    any_deny = rule
+                if not shadow:
+                    enf_deny = rule
+                    if not has_shadow:
+                        break
+            else:
+                if any_allow is None:
+                    any_allow = rule
+                if not shadow and enf_allow is None:
+                    enf_allow = rule
         enforced = self._outcome(enf_deny, enf_allow, destination)
         shadow_outcome = None
         if plan.has_shadow:
@@ -288,13 +372,13 @@ class PolicySet:
     def _outcome(deny: CompiledRule | None, allow: CompiledRule | None,
                  destination: Destination) -> Outcome:
         if deny is not None:
-            return Outcome(DENY, CODE_POLICY_DENY, deny.id, deny.reason or f"denied by rule {deny.id}")
+            return deny.get_outcome()
         if allow is None:
-            return Outcome(DENY, CODE_DEFAULT_DENY, None, DEFAULT_DENY_REASON)
+            return _DEFAULT_DENY
         ssrf = ssrf_violation(allow, destination)
         if ssrf is not None:
             return ssrf
-        return Outcome(ALLOW, CODE_ALLOWED, allow.id, allow.reason or f"allowed by rule {allow.id}")
+        return allow.get_outcome()
 
     # -- CONNECT pre-check ----------------------------------------------------
 
@@ -336,7 +420,7 @@ def ssrf_violation(rule: CompiledRule, destination: Destination) -> Outcome | No
 def _dial_address(rule: CompiledRule, destination: Destination) -> str | None:
     for c in destination.addresses:
         if not c.internal or rule.covers_destination(c):
-            return str(c.address)
+            return c.text
     return None
 
 

@@ -1,4 +1,9 @@
-"""The inputs and outputs of a policy decision: plain immutable values, no I/O."""
+"""The inputs and outputs of a policy decision: plain values, no I/O.
+
+Treat them as immutable. Principal, Destination and Classification are frozen
+(they are hashed and cached); Request, Outcome and Decision are plain slotted
+dataclasses because they are built on every request and frozen dataclasses
+cost ~0.25 us per field to construct."""
 
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ class Principal:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Request:
     """What is being asked for, normalised by the adapter.
 
@@ -109,7 +114,7 @@ CODE_NO_POLICY = "policy_unavailable"
 CODE_INTERNAL_ERROR = "internal_error"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
     action: str  # allow | deny
     code: str
@@ -117,7 +122,7 @@ class Outcome:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decision:
     action: str
     code: str
