@@ -41,6 +41,7 @@ from gateway.runtime import Gateway, deny_decision
 log = logging.getLogger("egress.addon")
 
 HOP_HEADERS_TO_STRIP = ("proxy-authorization", "proxy-connection")
+_HOP_BYTES = frozenset(h.encode() for h in HOP_HEADERS_TO_STRIP)
 
 
 @dataclass
@@ -226,26 +227,42 @@ class EgressGateway:
 
     # -- every request ----------------------------------------------------------------
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow):
+        """Synchronous unless the destination needs a DNS lookup (then it returns
+        a coroutine, which mitmproxy awaits): most requests go to hosts that are
+        cached, literal or overridden, and a coroutine per request costs."""
         if flow.response is not None:
-            return
+            return None
         if self.gw is None:
             return _unavailable(flow)
         try:
-            await self._requestheaders(flow)
+            pending = self._requestheaders(flow)
+        except Exception:
+            log.exception("request handling failed")
+            self._deny(flow, "internal_error", "the gateway failed while checking this request")
+            return None
+        if pending is None:
+            return None
+        return self._finish_async(flow, pending)
+
+    async def _finish_async(self, flow: http.HTTPFlow, pending) -> None:
+        try:
+            destination = await self.gw.resolver.resolve(pending[2].host, pending[2].port)
+            self._decide(flow, *pending, destination)
         except Exception:
             log.exception("request handling failed")
             self._deny(flow, "internal_error", "the gateway failed while checking this request")
 
-    async def _requestheaders(self, flow: http.HTTPFlow) -> None:
+    def _requestheaders(self, flow: http.HTTPFlow):
         gw = self.gw
         req = flow.request
         client = flow.client_conn
         transparent = isinstance(client.proxy_mode, TransparentMode)
-        header = req.headers.get("proxy-authorization")
-        for h in HOP_HEADERS_TO_STRIP:
-            if h in req.headers:
-                del req.headers[h]
+        headers = _lower_headers(req.headers)
+        header = headers.pop("proxy-authorization", None)
+        if header is not None or "proxy-connection" in headers:
+            headers.pop("proxy-connection", None)
+            req.headers.fields = tuple(f for f in req.headers.fields if f[0].lower() not in _HOP_BYTES)
         state = self.conns.get(client.id)
         tls = req.scheme == "https"
         default_port = 443 if tls else 80
@@ -269,7 +286,10 @@ class EgressGateway:
         principal = ident.principal
 
         # 2. which host, and do CONNECT target / SNI / Host agree
-        host_header = req.host_header or ""
+        if req.is_http2 or req.is_http3:
+            host_header = req.host_header or ""
+        else:
+            host_header = headers.get("host", "")
         hh = _split_host_header(host_header, default_port) if host_header else None
         try:
             # An HTTP/1 absolute-form target (``GET http://name/ HTTP/1.1``) in
@@ -317,20 +337,28 @@ class EgressGateway:
         except HostError as e:
             return self._mismatch(flow, principal, f"invalid host: {e}")
 
-        # 3. resolve once (per tunnel, or per request with a short cache)
+        # 3. the request as policy sees it
+        path, _, query = req.path.partition("?")
+        scheme = req.scheme
+        if headers.get("upgrade", "").lower() == "websocket":
+            scheme = "wss" if tls else "ws"
+        request = Request(host=host, port=port, scheme=scheme, method=req.method, path=path, query=query,
+                          headers=headers, sni=client_sni, mode="transparent" if transparent else "explicit")
+
+        # 4. resolve once (per tunnel, or per request from a short cache)
         if state is not None and state.target is not None and state.destination is not None:
             destination = state.destination
         else:
-            destination = await gw.resolver.resolve(host, port)
+            destination = gw.resolver.lookup_cached(host)
+            if destination is None:
+                return (principal, state, request, tls)  # finish after an async DNS lookup
+        self._decide(flow, principal, state, request, tls, destination)
+        return None
 
-        # 4. decide
-        path, _, query = req.path.partition("?")
-        scheme = req.scheme
-        if req.headers.get("upgrade", "").lower() == "websocket":
-            scheme = "wss" if tls else "ws"
-        request = Request(host=host, port=port, scheme=scheme, method=req.method, path=path, query=query,
-                          headers=_lower_headers(req.headers), sni=client_sni,
-                          mode="transparent" if transparent else "explicit")
+    def _decide(self, flow, principal, state, request, tls, destination) -> None:
+        gw = self.gw
+        host, port = request.host, request.port
+        client = flow.client_conn
         decision, seconds = gw.decide(principal, request, destination)
         gw.record(request_id=flow.id, principal=principal, request=request, decision=decision,
                   source=_peer(flow), destination=destination, decision_seconds=seconds)
@@ -406,13 +434,16 @@ def _unavailable(flow) -> None:
 
 
 def _lower_headers(headers) -> dict[str, str]:
+    """Lowercase names, repeated headers joined with ", " (raw fields: the
+    Headers API decodes and case-folds on every access)."""
     out: dict[str, str] = {}
-    for k, v in headers.items(multi=True):
-        k = k.lower()
-        if k in out:
-            out[k] = out[k] + ", " + v
+    for k, v in headers.fields:
+        name = k.decode("latin-1").lower()
+        value = v.decode("utf-8", "surrogateescape")
+        if name in out:
+            out[name] = out[name] + ", " + value
         else:
-            out[k] = v
+            out[name] = value
     return out
 
 

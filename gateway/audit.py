@@ -10,12 +10,21 @@ import datetime as _dt
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 
+_SECOND: list = [0, ""]  # (unix second, "YYYY-MM-DDTHH:MM:SS") formatted once per second
+
+
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """UTC now as ``2026-11-24T01:02:03.123456Z`` (cheap: on the per-request path)."""
+    t = time.time()
+    sec = int(t)
+    if _SECOND[0] != sec:
+        _SECOND[0], _SECOND[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_SECOND[1]}.{int((t - sec) * 1e6):06d}Z"
 
 
 class AuditLog:
@@ -36,6 +45,19 @@ class AuditLog:
             return True
         event.setdefault("ts", now_iso())
         line = json.dumps(event, separators=(",", ":"), sort_keys=True, default=str)
+        try:
+            with self._lock:
+                self._file.write(line + "\n")
+            self.written += 1
+            return True
+        except OSError:
+            self.failures += 1
+            return False
+
+    def write_line(self, line: str) -> bool:
+        """Append one already-serialised event (a JSON object, no newline)."""
+        if self._file is None:
+            return True
         try:
             with self._lock:
                 self._file.write(line + "\n")

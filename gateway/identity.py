@@ -61,6 +61,7 @@ class IdentityService:
         self.bindings: dict[str, Principal] = {}
         # verified tokens (signature checks cost ~50 us): token -> (principal, exp)
         self._verified: dict[str, tuple[Principal, int]] = {}
+        self._by_header: dict[str, tuple[Principal, int]] = {}  # Proxy-Authorization value -> same
         self._load()
 
     # -- persistence -------------------------------------------------------
@@ -107,10 +108,22 @@ class IdentityService:
         return IdentityResult(principal, expires_at=claims.expires_at)
 
     def from_proxy_authorization(self, header: str | None) -> IdentityResult:
+        if header:
+            hit = self._by_header.get(header)
+            if hit is not None:
+                principal, exp = hit
+                if exp + self.leeway > time.time() and principal.token_id not in self.revoked:
+                    return IdentityResult(principal, expires_at=exp)
+                self._by_header.pop(header, None)
         token = tokens.extract_token_from_proxy_authorization(header) if header else None
         if header and token is None:
             return IdentityResult(None, "malformed", "proxy credentials do not hold an identity token")
-        return self.verify_token(token)
+        result = self.verify_token(token)
+        if result.principal is not None:
+            if len(self._by_header) >= 10_000:
+                self._by_header.clear()
+            self._by_header[header] = (result.principal, result.expires_at)
+        return result
 
     def still_valid(self, principal: Principal, expires_at: int = 0) -> IdentityResult:
         """Re-check a token principal established earlier on a connection

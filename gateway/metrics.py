@@ -29,6 +29,7 @@ class Metrics:
         self.audit_failures = Counter("egress_audit_write_failures", "Audit events that could not be written",
                                       registry=r)
         self._tenants: set[str] = set()
+        self._children: dict[tuple, object] = {}  # (tenant, decision, code) -> counter child
         self._version: str | None = None
 
     def tenant_label(self, tenant: str | None) -> str:
@@ -42,7 +43,13 @@ class Metrics:
         return "_other"
 
     def count(self, tenant: str | None, decision: str, code: str) -> None:
-        self.requests.labels(self.tenant_label(tenant), decision, code).inc()
+        key = (tenant, decision, code)
+        child = self._children.get(key)
+        if child is None:
+            child = self.requests.labels(self.tenant_label(tenant), decision, code)
+            if len(self._children) < 100_000:
+                self._children[key] = child
+        child.inc()
 
     def set_policy(self, version: str, rules: int) -> None:
         if self._version is not None and self._version != version:

@@ -28,8 +28,22 @@ class HostError(ValueError):
     """A host name that cannot be used at all (bad characters, bad IDN)."""
 
 
+_NORMALISED: dict[str, str] = {}
+
+
 def normalise_host(host: str) -> str:
     """Lowercase, no brackets, no trailing dot, IDNA (punycode) for non-ASCII."""
+    hit = _NORMALISED.get(host)
+    if hit is not None:
+        return hit
+    h = _normalise(host)
+    if len(_NORMALISED) >= 8192:
+        _NORMALISED.clear()
+    _NORMALISED[host] = h
+    return h
+
+
+def _normalise(host: str) -> str:
     h = host.strip()
     if h.startswith("[") and h.endswith("]"):
         h = h[1:-1]
@@ -61,7 +75,8 @@ class Resolver:
         self.timeout = timeout
         self.cache_seconds = cache_seconds
         self.cache_size = cache_size
-        self._cache: dict[str, tuple[float, tuple]] = {}
+        self._cache: dict[str, tuple[float, Destination]] = {}  # DNS answers, classified
+        self._static: dict[str, Destination] = {}  # literals, overrides, localhost: never change
 
     def _classified(self, addrs, via: str) -> Destination:
         return Destination(tuple(classify(a, self_addresses=self.self_addresses) for a in addrs), via=via)
@@ -80,14 +95,27 @@ class Resolver:
             return self._classified([ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")], "localhost")
         return None
 
-    async def resolve(self, host: str, port: int = 443) -> Destination:
-        static = self.resolve_static(host)
-        if static is not None:
-            return static
-        now = time.monotonic()
+    def lookup_cached(self, host: str) -> Destination | None:
+        """Without I/O: a static destination, or a DNS answer still in the cache."""
+        d = self._static.get(host)
+        if d is not None:
+            return d
+        d = self.resolve_static(host)
+        if d is not None:
+            if len(self._static) >= self.cache_size:
+                self._static.clear()
+            self._static[host] = d
+            return d
         hit = self._cache.get(host)
-        if hit is not None and hit[0] > now:
-            return self._classified(hit[1], "dns")
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        return None
+
+    async def resolve(self, host: str, port: int = 443) -> Destination:
+        cached = self.lookup_cached(host)
+        if cached is not None:
+            return cached
+        now = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
             infos = await asyncio.wait_for(
@@ -106,5 +134,6 @@ class Resolver:
             return Destination(error=f"{host} resolved to no address")
         if len(self._cache) >= self.cache_size:
             self._cache.clear()
-        self._cache[host] = (now + self.cache_seconds, tuple(addrs))
-        return self._classified(addrs, "dns")
+        d = self._classified(addrs, "dns")
+        self._cache[host] = (now + self.cache_seconds, d)
+        return d

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import celexpr
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, now_iso
 from gateway.config import GatewayConfig
 from gateway.identity import IdentityResult, IdentityService
 from gateway.metrics import Metrics
@@ -53,6 +53,9 @@ STATUS = {
 }
 
 
+_esc = json.encoder.encode_basestring_ascii  # a JSON string literal, quotes included (C implementation)
+
+
 def deny_decision(code: str, reason: str, version: str, rule: str | None = None) -> Decision:
     return Decision(DENY, code, rule, reason, version)
 
@@ -77,6 +80,9 @@ class Gateway:
         self.store = PolicyStore(config.policies, engine=self.engine, on_reload=self._on_reload)
         self.started = time.time()
         self._own = self._own_endpoints(config)
+        self._own_cache: dict[tuple[str, int], bool] = {}
+        self._principal_frags: dict[Principal, str] = {}
+        self._dest_frags: dict[int, tuple[Destination, str]] = {}
 
     @staticmethod
     def _own_endpoints(config: GatewayConfig) -> tuple[frozenset[int], frozenset]:
@@ -107,10 +113,13 @@ class Gateway:
         ports, ips = self._own
         if port not in ports:
             return False
-        ip = ipaddress.ip_address(address)
-        mapped = getattr(ip, "ipv4_mapped", None)
-        ip = mapped or ip
-        return ip.is_loopback or ip.is_unspecified or ip in ips
+        hit = self._own_cache.get((address, port))
+        if hit is None:
+            ip = ipaddress.ip_address(address)
+            ip = getattr(ip, "ipv4_mapped", None) or ip
+            hit = ip.is_loopback or ip.is_unspecified or ip in ips
+            self._own_cache[(address, port)] = hit
+        return hit
 
     # -- policies -------------------------------------------------------------
 
@@ -164,46 +173,64 @@ class Gateway:
         self.metrics.decision_seconds.observe(dt)
         return d, dt
 
+    def _principal_json(self, principal: Principal) -> str:
+        frag = self._principal_frags.get(principal)
+        if frag is None:
+            frag = json.dumps({"tenant": principal.tenant, "agent": principal.agent, "session": principal.session,
+                               "labels": dict(principal.labels), "token_id": principal.token_id,
+                               "via": principal.source}, separators=(",", ":"))
+            if len(self._principal_frags) >= 10_000:
+                self._principal_frags.clear()
+            self._principal_frags[principal] = frag
+        return frag
+
+    def _destination_json(self, destination: Destination) -> str:
+        hit = self._dest_frags.get(id(destination))
+        if hit is not None and hit[0] is destination:
+            return hit[1]
+        frag = json.dumps({"ips": [c.text for c in destination.addresses],
+                           "classes": sorted({c.klass.value for c in destination.addresses}),
+                           "via": destination.via}, separators=(",", ":"))
+        if len(self._dest_frags) >= 4096:
+            self._dest_frags.clear()
+        self._dest_frags[id(destination)] = (destination, frag)
+        return frag
+
     def record(self, *, request_id: str, principal: Principal | None, request: Request | None,
                decision: Decision, source: str = "", destination: Destination | None = None,
                decision_seconds: float = 0.0, identity_code: str = "") -> None:
-        """Count and audit one decision (allow or deny)."""
+        """Count and audit one decision (allow or deny): one JSON line, composed
+        directly (it is on the per-request path); the principal and destination
+        parts are serialised once per principal / destination."""
         self.metrics.count(principal.tenant if principal else None, decision.action, decision.code)
-        ev: dict[str, Any] = {
-            "event": "decision",
-            "request_id": request_id,
-            "decision": decision.action,
-            "code": decision.code,
-            "rule": decision.rule,
-            "reason": decision.reason,
-            "policy_version": decision.policy_version,
-            "source": source,
-        }
-        if principal is not None:
-            ev["principal"] = {"tenant": principal.tenant, "agent": principal.agent,
-                               "session": principal.session, "labels": dict(principal.labels),
-                               "token_id": principal.token_id, "via": principal.source}
+        rule = decision.rule
+        parts = ['{"ts":"', now_iso(), '","event":"decision","request_id":', _esc(request_id),
+                 ',"decision":', _esc(decision.action), ',"code":', _esc(decision.code),
+                 ',"rule":', "null" if rule is None else _esc(rule), ',"reason":', _esc(decision.reason),
+                 ',"policy_version":', _esc(decision.policy_version), ',"source":', _esc(source)]
         if identity_code:
-            ev["identity_error"] = identity_code
+            parts += [',"identity_error":', _esc(identity_code)]
         if request is not None:
             # No query string and no header values: they often carry secrets.
-            ev["request"] = {"method": request.method, "scheme": request.scheme, "host": request.host,
-                             "port": request.port, "path": request.path, "sni": request.sni,
-                             "mode": request.mode}
+            parts += [',"request":{"method":', _esc(request.method), ',"scheme":', _esc(request.scheme),
+                      ',"host":', _esc(request.host), ',"port":', str(int(request.port)), ',"path":',
+                      _esc(request.path), ',"sni":', _esc(request.sni), ',"mode":', _esc(request.mode), "}"]
         if destination is not None and destination.addresses:
-            ev["destination"] = {"ips": [str(c.address) for c in destination.addresses],
-                                 "classes": sorted({c.klass.value for c in destination.addresses}),
-                                 "via": destination.via}
+            parts += [',"destination":', self._destination_json(destination)]
         if decision.dial:
-            ev["dial"] = decision.dial
+            parts += [',"dial":', _esc(decision.dial)]
         if decision.shadow is not None:
-            s = decision.shadow
-            ev["shadow"] = {"decision": s.action, "code": s.code, "rule": s.rule}
+            sh = decision.shadow
+            parts += [',"shadow":', json.dumps({"decision": sh.action, "code": sh.code, "rule": sh.rule},
+                                               separators=(",", ":"))]
         if decision.errors:
-            ev["errors"] = list(decision.errors)[:10]
+            parts += [',"errors":', json.dumps(list(decision.errors)[:10])]
         if decision_seconds:
-            ev["decision_us"] = round(decision_seconds * 1e6, 1)
-        if not self.audit.write(ev):
+            parts += [',"decision_us":', str(round(decision_seconds * 1e6, 1))]
+        if principal is not None:
+            parts += [',"principal":', self._principal_json(principal)]
+        parts.append("}")
+        if not self.audit.write_line("".join(parts)):
             self.metrics.audit_failures.inc()
 
     def deny_response(self, decision: Decision, request_id: str, *, status: int | None = None,

@@ -60,6 +60,7 @@ class CompiledRule:
     host: celexpr.Constraint | None = None
     use: celexpr.FieldUse | None = None
     outcome: Outcome | None = None  # what matching this rule decides (built once)
+    _covered: dict = field(default_factory=dict, repr=False)  # Classification -> covered
 
     def get_outcome(self) -> Outcome:
         o = self.outcome
@@ -79,7 +80,18 @@ class CompiledRule:
         range must contain the address and, when it embeds an internal IPv4
         address (IPv4-mapped, 6to4, NAT64, Teredo...), that IPv4 address too.
         Otherwise ``::ffff:0:0/96`` or ``2002::/16`` would open every internal
-        IPv4 address, the metadata service included."""
+        IPv4 address, the metadata service included. Memoised per address."""
+        if not self.allow_internal:
+            return False
+        hit = self._covered.get(c)
+        if hit is None:
+            hit = self._covers_destination(c)
+            if len(self._covered) >= 4096:
+                self._covered.clear()
+            self._covered[c] = hit
+        return hit
+
+    def _covers_destination(self, c) -> bool:
         if not self.covers(c.address):
             return False
         effective = getattr(c, "effective", c.address)
