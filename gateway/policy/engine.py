@@ -60,7 +60,7 @@ class CompiledRule:
     host: celexpr.Constraint | None = None
     use: celexpr.FieldUse | None = None
     outcome: Outcome | None = None  # what matching this rule decides (built once)
-    _covered: dict = field(default_factory=dict, repr=False)  # Classification -> covered
+    _covered: dict = field(default_factory=dict, repr=False)  # id(Classification) -> (it, covered)
 
     def get_outcome(self) -> Outcome:
         o = self.outcome
@@ -83,13 +83,14 @@ class CompiledRule:
         IPv4 address, the metadata service included. Memoised per address."""
         if not self.allow_internal:
             return False
-        hit = self._covered.get(c)
-        if hit is None:
-            hit = self._covers_destination(c)
-            if len(self._covered) >= 4096:
-                self._covered.clear()
-            self._covered[c] = hit
-        return hit
+        hit = self._covered.get(id(c))
+        if hit is not None and hit[0] is c:
+            return hit[1]
+        covered = self._covers_destination(c)
+        if len(self._covered) >= 4096:
+            self._covered.clear()
+        self._covered[id(c)] = (c, covered)
+        return covered
 
     def _covers_destination(self, c) -> bool:
         if not self.covers(c.address):
