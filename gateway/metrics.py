@@ -1,8 +1,17 @@
-"""Prometheus metrics for the gateway (own registry, served by the admin API)."""
+"""Prometheus metrics for the gateway (own registry, served by the admin API).
+
+The two per-request series (decisions by tenant/decision/code, decision
+latency) are plain Python counters read by a collector at scrape time: the
+proxy's event loop is the only writer, and prometheus-client's locked
+Counter/Histogram cost several microseconds per request.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import bisect
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 MAX_TENANT_LABELS = 1000  # cardinality guard: further tenants are counted as "_other"
 
@@ -14,11 +23,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("egress_requests", "Requests decided, by tenant, decision and code",
-                                ["tenant", "decision", "code"], registry=r)
-        self.decision_seconds = Histogram("egress_decision_duration_seconds",
-                                          "Time spent deciding one request (policy evaluation only)",
-                                          buckets=DECISION_BUCKETS, registry=r)
+        self._requests: dict[tuple[str, str, str], int] = {}  # (tenant label, decision, code) -> count
+        self._buckets = [0] * (len(DECISION_BUCKETS) + 1)  # last: +Inf
+        self._decision_sum = 0.0
+        r.register(_HotCollector(self))
         self.identity_failures = Counter("egress_identity_failures", "Requests refused for identity, by reason",
                                          ["reason"], registry=r)
         self.policy_info = Gauge("egress_policy_info", "The active policy set (value 1), by version",
@@ -29,7 +37,7 @@ class Metrics:
         self.audit_failures = Counter("egress_audit_write_failures", "Audit events that could not be written",
                                       registry=r)
         self._tenants: set[str] = set()
-        self._children: dict[tuple, object] = {}  # (tenant, decision, code) -> counter child
+        self._keys: dict[tuple, tuple[str, str, str]] = {}  # (tenant, decision, code) -> label values
         self._version: str | None = None
 
     def tenant_label(self, tenant: str | None) -> str:
@@ -43,13 +51,19 @@ class Metrics:
         return "_other"
 
     def count(self, tenant: str | None, decision: str, code: str) -> None:
-        key = (tenant, decision, code)
-        child = self._children.get(key)
-        if child is None:
-            child = self.requests.labels(self.tenant_label(tenant), decision, code)
-            if len(self._children) < 100_000:
-                self._children[key] = child
-        child.inc()
+        key = self._keys.get((tenant, decision, code))
+        if key is None:
+            key = (self.tenant_label(tenant), decision, code)
+            if len(self._keys) < 100_000:
+                self._keys[(tenant, decision, code)] = key
+        self._requests[key] = self._requests.get(key, 0) + 1
+
+    def observe_decision(self, seconds: float) -> None:
+        self._buckets[bisect.bisect_left(DECISION_BUCKETS, seconds)] += 1
+        self._decision_sum += seconds
+
+    def requests_count(self, tenant: str, decision: str, code: str) -> int:
+        return self._requests.get((tenant, decision, code), 0)
 
     def set_policy(self, version: str, rules: int) -> None:
         if self._version is not None and self._version != version:
@@ -60,3 +74,29 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _HotCollector:
+    """Exposes the per-request series kept in plain Python counters."""
+
+    def __init__(self, m: Metrics):
+        self.m = m
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        m = self.m
+        c = CounterMetricFamily("egress_requests", "Requests decided, by tenant, decision and code",
+                                labels=["tenant", "decision", "code"])
+        for labels, n in list(m._requests.items()):
+            c.add_metric(list(labels), n)
+        yield c
+        h = HistogramMetricFamily("egress_decision_duration_seconds",
+                                  "Time spent deciding one request (policy evaluation only)")
+        acc, buckets = 0, []
+        for bound, n in zip([*map(str, DECISION_BUCKETS), "+Inf"], list(m._buckets)):
+            acc += n
+            buckets.append((bound, acc))
+        h.add_metric([], buckets, m._decision_sum)
+        yield h
