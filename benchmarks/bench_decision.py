@@ -12,10 +12,11 @@ principal cache) for
 * a default-denied request (GET to a host no rule names),
 
 cycling over 8 tenants spread over the range. Each case is timed twice:
-"warm", where the converted CEL input for the values the candidate rules read
-is memoised (the engine's normal state under steady traffic), and "cold",
-where that memo is emptied before every call so each decision converts its
-input again (a request whose read fields were never seen before). Destinations come from
+"warm", where the decision and the converted CEL input for the values the
+candidate rules read are memoised (the engine's normal state under steady
+traffic), and "cold", where both memos are emptied before every call so each
+decision converts its input and evaluates its rules again (a request whose read
+fields were never seen before). Destinations come from
 ``Resolver(overrides).resolve_static`` with a public documentation-free
 address (93.184.216.34); nothing is ever contacted.
 
@@ -94,7 +95,7 @@ def time_decide(ps, triples, iterations: int, cold: bool = False) -> list[int]:
     """Nanoseconds per decide() call, cycling over ``triples``; with ``cold``
     the memoised CEL inputs are dropped before each call (not timed)."""
     decide = ps.decide
-    memo = getattr(ps, "_acts", {}) if cold else None
+    memos = [getattr(ps, "_acts", {}), getattr(ps, "_decisions", {})] if cold else None
     clock = time.perf_counter_ns
     m = len(triples)
     for i in range(max(200, iterations // 10)):  # warm-up: principal plans, caches, branch predictors
@@ -106,8 +107,9 @@ def time_decide(ps, triples, iterations: int, cold: bool = False) -> list[int]:
     try:
         for i in range(iterations):
             p, r, d = triples[i % m]
-            if memo is not None:
-                memo.clear()
+            if memos is not None:
+                for memo in memos:
+                    memo.clear()
             t0 = clock()
             decide(p, r, d)
             out[i] = clock() - t0

@@ -84,6 +84,8 @@ class Gateway:
         self._own_cache: dict[tuple[str, int], bool] = {}
         self._principal_frags: dict[Principal, str] = {}
         self._dest_frags: dict[int, tuple[Destination, str]] = {}
+        self._decision_frags: dict[int, tuple[Decision, str]] = {}
+        self._request_frags: dict[tuple, tuple[str, str]] = {}
 
     @staticmethod
     def _own_endpoints(config: GatewayConfig) -> tuple[frozenset[int], frozenset]:
@@ -197,35 +199,60 @@ class Gateway:
         self._dest_frags[id(destination)] = (destination, frag)
         return frag
 
+    def _decision_json(self, d: Decision) -> str:
+        """The decision's fields as a JSON fragment (with a trailing comma),
+        serialised once per Decision object (decisions are memoised)."""
+        hit = self._decision_frags.get(id(d))
+        if hit is not None and hit[0] is d:
+            return hit[1]
+        parts = ['"decision":', _esc(d.action), ',"code":', _esc(d.code), ',"rule":',
+                 "null" if d.rule is None else _esc(d.rule), ',"reason":', _esc(d.reason),
+                 ',"policy_version":', _esc(d.policy_version), ","]
+        if d.dial:
+            parts += ['"dial":', _esc(d.dial), ","]
+        if d.shadow is not None:
+            sh = d.shadow
+            parts += ['"shadow":', json.dumps({"decision": sh.action, "code": sh.code, "rule": sh.rule},
+                                              separators=(",", ":")), ","]
+        if d.errors:
+            parts += ['"errors":', json.dumps(list(d.errors)[:10]), ","]
+        frag = "".join(parts)
+        if len(self._decision_frags) >= 4096:
+            self._decision_frags.clear()
+        self._decision_frags[id(d)] = (d, frag)
+        return frag
+
+    def _request_json(self, r: Request) -> tuple[str, str]:
+        """The request object as JSON, split around the path (the part that
+        varies most): (prefix up to ``"path":``, suffix after it)."""
+        key = (r.method, r.scheme, r.host, r.port, r.sni, r.mode)
+        hit = self._request_frags.get(key)
+        if hit is None:
+            hit = ('"request":{"method":' + _esc(r.method) + ',"scheme":' + _esc(r.scheme) + ',"host":'
+                   + _esc(r.host) + ',"port":' + str(int(r.port)) + ',"path":',
+                   ',"sni":' + _esc(r.sni) + ',"mode":' + _esc(r.mode) + "}")
+            if len(self._request_frags) >= 4096:
+                self._request_frags.clear()
+            self._request_frags[key] = hit
+        return hit
+
     def record(self, *, request_id: str, principal: Principal | None, request: Request | None,
                decision: Decision, source: str = "", destination: Destination | None = None,
                decision_seconds: float = 0.0, identity_code: str = "") -> None:
         """Count and audit one decision (allow or deny): one JSON line, composed
-        directly (it is on the per-request path); the principal and destination
-        parts are serialised once per principal / destination."""
+        from fragments serialised once per principal, destination, decision and
+        request shape (this is on the per-request path). No query string and no
+        header values: they often carry secrets."""
         self.metrics.count(principal.tenant if principal else None, decision.action, decision.code)
-        rule = decision.rule
-        parts = ['{"ts":"', now_iso(), '","event":"decision","request_id":', _esc(request_id),
-                 ',"decision":', _esc(decision.action), ',"code":', _esc(decision.code),
-                 ',"rule":', "null" if rule is None else _esc(rule), ',"reason":', _esc(decision.reason),
-                 ',"policy_version":', _esc(decision.policy_version), ',"source":', _esc(source)]
+        parts = ['{"ts":"', now_iso(), '","event":"decision","request_id":', _esc(request_id), ",",
+                 self._decision_json(decision), '"source":', _esc(source)]
         if identity_code:
             parts += [',"identity_error":', _esc(identity_code)]
         if request is not None:
-            # No query string and no header values: they often carry secrets.
-            parts += [',"request":{"method":', _esc(request.method), ',"scheme":', _esc(request.scheme),
-                      ',"host":', _esc(request.host), ',"port":', str(int(request.port)), ',"path":',
-                      _esc(request.path), ',"sni":', _esc(request.sni), ',"mode":', _esc(request.mode), "}"]
+            pre, post = self._request_json(request)
+            parts += [",", pre, _esc(request.path), post]
         if destination is not None and destination.addresses:
             parts += [',"destination":', self._destination_json(destination)]
-        if decision.dial:
-            parts += [',"dial":', _esc(decision.dial)]
-        if decision.shadow is not None:
-            sh = decision.shadow
-            parts += [',"shadow":', json.dumps({"decision": sh.action, "code": sh.code, "rule": sh.rule},
-                                               separators=(",", ":"))]
-        if decision.errors:
-            parts += [',"errors":', json.dumps(list(decision.errors)[:10])]
         if decision_seconds:
             parts += [',"decision_us":', str(round(decision_seconds * 1e6, 1))]
         if principal is not None:

@@ -206,6 +206,7 @@ class PolicySet:
         self.files = list(files)
         self._principal_cache: dict[Principal, _PrincipalPlan] = {}
         self._acts: dict[tuple, tuple] = {}  # memoised CEL inputs (see _Route.key_of)
+        self._decisions: dict[tuple, tuple] = {}  # memoised decisions (see decide)
         self._by_tenant: dict[str, list[int]] = {}
         self._any_tenant: list[int] = []
         use = celexpr.FieldUse()
@@ -322,9 +323,29 @@ class PolicySet:
         return self.engine.activation(variables)
 
     def decide(self, principal: Principal, request: Request, destination: Destination) -> Decision:
+        """The decision for one request. Memoised like the CEL input: for a
+        (principal, host) route the decision is a pure function of the request
+        values its candidate rules read and of the destination, so a request
+        that repeats those values gets the same Decision object (treat it as
+        immutable). Routes whose rules read ``now`` are never memoised."""
         plan = self._plan(principal)
-        errors: list[str] = list(plan.errors)
         route = self._route(plan, request.host)
+        key_of = route.key_of
+        if key_of is None:
+            return self._decide(plan, route, request, destination)
+        key = (id(route), key_of(request), id(destination))
+        hit = self._decisions.get(key)
+        # the entry keeps route and destination alive, so their ids cannot be reused
+        if hit is not None and hit[0] is route and hit[1] is destination:
+            return hit[2]
+        decision = self._decide(plan, route, request, destination)
+        if len(self._decisions) >= ACTIVATION_CACHE_SIZE:
+            self._decisions.clear()
+        self._decisions[key] = (route, destination, decision)
+        return decision
+
+    def _decide(self, plan: _PrincipalPlan, route: _Route, request: Request, destination: Destination) -> Decision:
+        errors: list[str] = list(plan.errors)
         has_shadow = plan.has_shadow
         act = None
         evaluated = 0
