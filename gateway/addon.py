@@ -153,7 +153,11 @@ class EgressGateway:
         while True:
             await asyncio.sleep(interval)
             try:
-                await asyncio.to_thread(self.gw.store.poll)
+                # Checking runs here (a few stats); only a reload goes to a thread.
+                # A thread that polls in a loop would contend for the GIL and
+                # stall the proxy (p99 latency).
+                if self.gw.store.changed():
+                    await asyncio.to_thread(self.gw.store.poll)
             except Exception:  # pragma: no cover
                 log.exception("policy poll failed")
 

@@ -8,13 +8,15 @@ the directory (names, sizes, mtimes), so no inotify dependency is needed.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from gateway.policy.engine import PolicySet, empty_policy_set
-from gateway.policy.loader import PolicyLoadError, load_directory, policy_files
+from gateway.policy.loader import POLICY_SUFFIXES, TEST_SUFFIXES, PolicyLoadError, load_directory
 
 log = logging.getLogger("egress.policy")
 
@@ -45,10 +47,25 @@ class PolicyStore:
         self._on_reload = on_reload
 
     def _dir_fingerprint(self) -> tuple:
+        """(name, size, mtime) of every policy file: one stat per file, cheap
+        enough to run on the event loop every couple of seconds."""
         try:
-            return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in policy_files(self.directory))
+            out = []
+            with os.scandir(self.directory) as it:
+                for e in it:
+                    n = e.name
+                    if not n.endswith(POLICY_SUFFIXES) or n.endswith(TEST_SUFFIXES) or n.startswith("."):
+                        continue
+                    st = e.stat()
+                    if stat.S_ISREG(st.st_mode):
+                        out.append((n, st.st_size, st.st_mtime_ns))
+            return tuple(sorted(out))
         except OSError as e:
             return (("<error>", str(e)),)
+
+    def changed(self) -> bool:
+        """Whether the directory differs from what was last loaded (no I/O but stats)."""
+        return self._dir_fingerprint() != self._fingerprint
 
     def load_initial(self) -> PolicySet:
         """Load at start-up; raises PolicyLoadError so the caller can refuse to start."""
