@@ -67,11 +67,11 @@ def build_master(gateway: Gateway | None, *, with_gateway_addon: bool = True,
 
 def tune_gc() -> None:
     """The compiled policy set, mitmproxy and its dependencies are long-lived:
-    move them out of the collector's view (gc.freeze) and collect the young
-    generation less often; per-request garbage is short-lived and acyclic."""
+    move them out of the collector's view (gc.freeze), so collections only
+    walk per-request objects. Thresholds stay at their defaults: raising them
+    (20000, 20, 20) made collections rare but long (p99 latency +15 ms)."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
 
 
 async def run_gateway(gateway: Gateway, *, verbose: bool = False) -> None:
