@@ -207,10 +207,7 @@ class EgressGateway:
             req.headers.pop(h, None)
         ident = gw.identity.from_proxy_authorization(header)
         if ident.principal is None:
-            gw.identity_failure(ident)
-            self._deny(flow, CODE_IDENTITY, f"identity required: {ident.message}",
-                       identity_code=ident.code, proxy_auth=True)
-            return
+            return self._identity_denied(flow, ident, proxy_auth=True)
         principal = ident.principal
         try:
             host = normalise_host(req.host)
@@ -283,10 +280,7 @@ class EgressGateway:
             ident = gw.identity.from_proxy_authorization(header)
             proxy_auth = True
         if ident.principal is None:
-            gw.identity_failure(ident)
-            self._deny(flow, CODE_IDENTITY, f"identity required: {ident.message}",
-                       identity_code=ident.code, proxy_auth=proxy_auth)
-            return
+            return self._identity_denied(flow, ident, proxy_auth=proxy_auth)
         principal = ident.principal
 
         # 2. which host, and do CONNECT target / SNI / Host agree
@@ -387,6 +381,12 @@ class EgressGateway:
         state.pins[key] = host
         flow.request.data.host = decision.dial
         flow.metadata["egress_host"] = host
+
+    def _identity_denied(self, flow, ident, *, proxy_auth: bool) -> None:
+        """407 (explicit proxy, outside a tunnel) or 403, with the reason."""
+        self.gw.identity_failure(ident)
+        self._deny(flow, CODE_IDENTITY, f"identity required: {ident.message}", identity_code=ident.code,
+                   proxy_auth=proxy_auth)
 
     def _mismatch(self, flow, principal, reason: str) -> None:
         self._deny(flow, CODE_MISMATCH, reason, principal=principal)

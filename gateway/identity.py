@@ -85,44 +85,52 @@ class IdentityService:
     def mint(self, **kw) -> str:
         return tokens.mint(self.key, **kw)
 
+    def _cached(self, cache: dict, key: str) -> IdentityResult | None:
+        """A verified principal from ``cache`` if it is still unexpired and not revoked."""
+        hit = cache.get(key)
+        if hit is None:
+            return None
+        principal, exp = hit
+        if exp + self.leeway > time.time() and principal.token_id not in self.revoked:
+            return IdentityResult(principal, expires_at=exp)
+        cache.pop(key, None)
+        return None
+
+    @staticmethod
+    def _remember(cache: dict, key: str, result: IdentityResult) -> None:
+        if len(cache) >= 10_000:
+            cache.clear()
+        cache[key] = (result.principal, result.expires_at)
+
     def verify_token(self, token: str | None) -> IdentityResult:
         if not token:
             return IdentityResult(None, "missing", "no identity token presented")
-        hit = self._verified.get(token)
+        hit = self._cached(self._verified, token)
         if hit is not None:
-            principal, exp = hit
-            if exp + self.leeway > time.time() and principal.token_id not in self.revoked:
-                return IdentityResult(principal, expires_at=exp)
-            self._verified.pop(token, None)
+            return hit
         try:
             claims = tokens.verify(token, self.keys, leeway_seconds=self.leeway)
         except tokens.TokenError as e:
             return IdentityResult(None, e.code, str(e))
         if claims.token_id in self.revoked:
             return IdentityResult(None, "revoked", "identity token has been revoked")
-        principal = Principal.make(claims.tenant, claims.agent, claims.session,
-                                   dict(claims.labels), claims.token_id, "token")
-        if len(self._verified) >= 10_000:
-            self._verified.clear()
-        self._verified[token] = (principal, claims.expires_at)
-        return IdentityResult(principal, expires_at=claims.expires_at)
+        result = IdentityResult(Principal.make(claims.tenant, claims.agent, claims.session,
+                                               dict(claims.labels), claims.token_id, "token"),
+                                expires_at=claims.expires_at)
+        self._remember(self._verified, token, result)
+        return result
 
     def from_proxy_authorization(self, header: str | None) -> IdentityResult:
         if header:
-            hit = self._by_header.get(header)
+            hit = self._cached(self._by_header, header)
             if hit is not None:
-                principal, exp = hit
-                if exp + self.leeway > time.time() and principal.token_id not in self.revoked:
-                    return IdentityResult(principal, expires_at=exp)
-                self._by_header.pop(header, None)
+                return hit
         token = tokens.extract_token_from_proxy_authorization(header) if header else None
         if header and token is None:
             return IdentityResult(None, "malformed", "proxy credentials do not hold an identity token")
         result = self.verify_token(token)
         if result.principal is not None:
-            if len(self._by_header) >= 10_000:
-                self._by_header.clear()
-            self._by_header[header] = (result.principal, result.expires_at)
+            self._remember(self._by_header, header, result)
         return result
 
     def still_valid(self, principal: Principal, expires_at: int = 0) -> IdentityResult:
