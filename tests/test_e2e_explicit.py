@@ -378,6 +378,39 @@ def test_identity_denials_are_audited_with_the_request(env):
     assert ev["request"]["host"] == "upstream.test" and ev["request"]["path"] == "/echo/ident"
 
 
+def _hosts_file_loopback_name() -> str | None:
+    """A name /etc/hosts maps to a loopback address (not localhost, which the
+    gateway answers itself): resolving it exercises the system resolver path
+    without any DNS query leaving the machine."""
+    try:
+        lines = open("/etc/hosts").read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split("#", 1)[0].split()
+        if len(parts) >= 2 and (parts[0].startswith("127.") or parts[0] == "::1"):
+            for name in parts[1:]:
+                if name != "localhost" and not name.endswith(".localhost") and "." not in name.strip("."):
+                    return name
+    return None
+
+
+def test_system_resolver_path_is_checked(env):
+    """A name the gateway has no override for goes through getaddrinfo (the
+    asynchronous path); the loopback answer is still refused."""
+    name = _hosts_file_loopback_name()
+    if name is None:
+        pytest.skip("no /etc/hosts name maps to a loopback address here (needed to use the system resolver "
+                    "without sending DNS queries)")
+    gw, ups = env
+    for _ in range(2):  # resolved, then from the resolver cache
+        r = session(gw, gw.mint("ssrf", "prober")).get(f"http://{name}:{ups.http_port}/echo/dns-path")
+        assert r.status_code == 403 and r.json()["code"] == "ssrf_blocked", r.text
+        ev = gw.decision_for(r.json()["request_id"])
+        assert ev["destination"]["via"] == "dns" and "loopback" in ev["destination"]["classes"]
+    assert "/echo/dns-path" not in served_paths(ups)
+
+
 # -- helpers --------------------------------------------------------------------------------------
 
 def _last_request_id(gw, path: str) -> str:
