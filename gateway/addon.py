@@ -138,7 +138,12 @@ class EgressGateway:
         loop = asyncio.get_running_loop()
         if self.manage_admin and gw.config.admin:
             from gateway.admin import start_admin
-            self._admin_runner = await start_admin(gw)
+            try:
+                self._admin_runner = await start_admin(gw)
+            except OSError as e:
+                # An error logged during start-up makes mitmproxy exit (ErrorCheck).
+                log.error("admin API cannot listen on %s: %s", gw.config.admin, e.strerror or e)
+                return
         if gw.config.reload_interval > 0:
             self._tasks.append(loop.create_task(self._poll_policies(gw.config.reload_interval)))
         try:

@@ -111,3 +111,26 @@ def test_gateway_run_config_errors(tmp_path):
 def test_admin_commands_without_gateway(tmp_path):
     r = egress("token", "revoke", "abcdefgh12345678", "--admin-url", "http://127.0.0.1:9", "--state-dir", tmp_path)
     assert r.returncode == 3 and "cannot reach the admin API" in r.stderr
+
+
+@pytest.mark.parametrize("which", ["proxy", "admin"])
+def test_gateway_run_port_in_use_exits_with_clear_error(tmp_path, which):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    other = free.getsockname()[1]
+    free.close()
+    try:
+        listen, admin = (port, other) if which == "proxy" else (other, port)
+        r = egress("gateway", "run", "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}",
+                   "--state-dir", tmp_path, timeout=60)
+    finally:
+        busy.close()
+    assert r.returncode == 1
+    assert "address already in use" in r.stderr
+    assert "Traceback" not in r.stderr
