@@ -280,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--state-dir", default=os.environ.get("EGRESS_STATE_DIR", ".state"),
                         help="gateway state dir: signing key, CA, bindings, audit (default .state or $EGRESS_STATE_DIR)")
 
+    def principal_args(sp):
+        sp.add_argument("--tenant", required=True, help="tenant (letters, digits, . _ : -)")
+        sp.add_argument("--agent", required=True, help="agent name")
+        sp.add_argument("--session", help="session id (optional)")
+        sp.add_argument("--label", action="append", type=parse_label, metavar="KEY=VALUE",
+                        help="label for policy selectors, repeatable (e.g. registries=read)")
+
     def admin(sp):
         state(sp)
         sp.add_argument("--admin-url", default=os.environ.get("EGRESS_ADMIN_URL", "http://127.0.0.1:8081"),
@@ -327,10 +334,7 @@ an invalid set is rejected and the last good one stays in force.""")
   TOKEN=$(egress token mint --tenant demo --agent a1 --label registries=read --ttl 2h)
   HTTPS_PROXY=http://x:$TOKEN@127.0.0.1:8080 pip download requests
   curl -x http://x:$TOKEN@127.0.0.1:8080 http://demo.localhost:8000/""")
-    m.add_argument("--tenant", required=True)
-    m.add_argument("--agent", required=True)
-    m.add_argument("--session")
-    m.add_argument("--label", action="append", type=parse_label, metavar="KEY=VALUE")
+    principal_args(m)
     m.add_argument("--ttl", type=parse_duration, default=3600, help="lifetime: 90s, 30m, 1h, 7d (default 1h; max 30d)")
     m.add_argument("--json", action="store_true", help="print token, id and expiry as JSON")
     state(m)
@@ -351,10 +355,7 @@ an invalid set is rejected and the last good one stays in force.""")
     b.required = True
     ba = b.add_parser("add", help="bind a source address to a principal")
     ba.add_argument("address")
-    ba.add_argument("--tenant", required=True)
-    ba.add_argument("--agent", required=True)
-    ba.add_argument("--session")
-    ba.add_argument("--label", action="append", type=parse_label, metavar="KEY=VALUE")
+    principal_args(ba)
     admin(ba)
     ba.set_defaults(func=cmd_binding_add)
     br = b.add_parser("remove", help="remove a binding")
@@ -384,10 +385,7 @@ an invalid set is rejected and the last good one stays in force.""")
 exit status: 0 allowed, 1 denied""")
     d.add_argument("method")
     d.add_argument("url")
-    d.add_argument("--tenant", required=True)
-    d.add_argument("--agent", required=True)
-    d.add_argument("--session")
-    d.add_argument("--label", action="append", type=parse_label, metavar="KEY=VALUE")
+    principal_args(d)
     d.add_argument("--header", action="append", metavar="'NAME: VALUE'")
     d.add_argument("--address", action="append", help="pretend the host resolves to this address (repeatable)")
     d.add_argument("--host", action="append", metavar="NAME=ADDRESS", help="static host override")
