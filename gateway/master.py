@@ -13,7 +13,10 @@ import gc
 import logging
 import sys
 
-from mitmproxy import options
+import inspect
+
+from mitmproxy import exceptions, flow, hooks, options
+from mitmproxy.addonmanager import traverse
 from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
@@ -38,6 +41,64 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+class _HookDispatch:
+    """Calls each hook only on the addons that implement it.
+
+    mitmproxy's AddonManager walks every addon for every hook of every flow
+    and then runs an ``update`` pass for UIs; with no addon implementing the
+    hook that still costs ~30 us (measured), four times per request. This
+    dispatcher keeps, per hook name, the callables that implement it (the
+    addon chain is fixed once the lean master runs; the list is rebuilt if it
+    changes), calls them in chain order with mitmproxy's error handling (an
+    addon error is logged, AddonHalt stops the hook), and skips the update
+    pass when no addon implements ``update``.
+    """
+
+    def __init__(self, manager):
+        self.mgr = manager
+        self._cache: dict[str, tuple] = {}
+        self._chain_key: tuple = ()
+
+    def _implementers(self, name: str) -> tuple:
+        key = (id(self.mgr.chain), len(self.mgr.chain))
+        if key != self._chain_key:
+            self._cache.clear()
+            self._chain_key = key
+        funcs = self._cache.get(name)
+        if funcs is None:
+            found = []
+            for addon in traverse(self.mgr.chain):
+                func = getattr(addon, name, None)
+                if func is not None and callable(func):
+                    found.append(func)
+            funcs = self._cache[name] = tuple(found)
+        return funcs
+
+    async def handle_lifecycle(self, event: hooks.Hook) -> None:
+        funcs = self._implementers(event.name)
+        if funcs:
+            args = event.args()
+            for func in funcs:
+                try:
+                    res = func(*args)
+                    if res is not None and inspect.isawaitable(res):
+                        await res
+                except exceptions.AddonHalt:
+                    break
+                except exceptions.OptionsError:
+                    raise
+                except Exception as e:
+                    logging.getLogger("mitmproxy.addonmanager").error(f"Addon error: {e}", exc_info=True)
+        if self._implementers("update") and isinstance(event.args()[0], flow.Flow):
+            await self.mgr.trigger_event(hooks.UpdateHook([event.args()[0]]))
+
+
+def install_hook_dispatch(m: Master) -> None:
+    """Route the proxy's per-flow hooks through _HookDispatch (an attribute of
+    this master's AddonManager instance; mitmproxy itself is not changed)."""
+    m.addons.handle_lifecycle = _HookDispatch(m.addons).handle_lifecycle
+
+
 def lean_addons() -> list:
     return [core.Core(), disable_h2c.DisableH2C(), proxyserver.Proxyserver(), next_layer.NextLayer(),
             tlsconfig.TlsConfig()]
@@ -53,6 +114,7 @@ def build_master(gateway: Gateway | None, *, with_gateway_addon: bool = True,
     if with_gateway_addon:
         m.addons.add(EgressGateway(gateway))
     m.addons.add(errorcheck.ErrorCheck())
+    install_hook_dispatch(m)
     updates = {"connection_strategy": "lazy", "stream_large_bodies": "1m"}
     if gateway is not None:
         updates["mode"] = modes or [s.mitmproxy_mode() for s in gateway.config.mode_specs()]
