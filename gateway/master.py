@@ -3,7 +3,8 @@
 Stock mitmdump loads ~30 addons, each called on every hook; measured here that
 costs about half the throughput (~510 vs ~940 req/s per core). The gateway
 needs the proxy server, layer selection, TLS configuration, option handling,
-h2c refusal and a start-up error check; nothing else.
+h2c refusal and a start-up error check; nothing else. Hooks are dispatched only
+to the addons implementing them (_HookDispatch): another ~15-20% per request.
 """
 
 from __future__ import annotations
