@@ -1,0 +1,1 @@
+"""Secrets for credential injection: reference syntax, stores, injection (issue 3)."""
