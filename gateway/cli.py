@@ -194,6 +194,62 @@ def cmd_reload(args) -> int:
     return 0 if out.get("ok") else 1
 
 
+# -- local secret store -----------------------------------------------------------------------
+
+def _store(args):
+    from gateway.secrets.local import LocalStore, StoreError
+    try:
+        return LocalStore(args.state_dir)
+    except StoreError as e:
+        raise CliError(str(e), 1) from None
+
+
+def cmd_secret_put(args) -> int:
+    from gateway.secrets.local import StoreError
+    if sys.stdin.isatty():
+        print(f"value for {args.name} (then Enter):", file=sys.stderr)
+    value = sys.stdin.readline().rstrip("\r\n")
+    try:
+        _store(args).put(args.name, value)
+    except (ValueError, StoreError) as e:
+        raise CliError(str(e)) from None
+    print(f"stored {args.name} (local:{args.name})", file=sys.stderr)
+    return 0
+
+
+def cmd_secret_get(args) -> int:
+    from gateway.secrets.local import StoreError
+    try:
+        value = _store(args).get(args.name)
+    except (ValueError, StoreError) as e:
+        raise CliError(str(e)) from None
+    if value is None:
+        raise CliError(f"no secret named {args.name}", 1)
+    print(value)
+    return 0
+
+
+def cmd_secret_ls(args) -> int:
+    from gateway.secrets.local import StoreError
+    try:
+        for n in _store(args).names():
+            print(n)
+    except StoreError as e:
+        raise CliError(str(e), 1) from None
+    return 0
+
+
+def cmd_secret_rm(args) -> int:
+    from gateway.secrets.local import StoreError
+    try:
+        found = _store(args).delete(args.name)
+    except (ValueError, StoreError) as e:
+        raise CliError(str(e)) from None
+    if not found:
+        raise CliError(f"no secret named {args.name}", 1)
+    return 0
+
+
 # -- policies ---------------------------------------------------------------------------------
 
 def _load_policies(directory: str, engine: str = "rust"):
@@ -273,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="egress", formatter_class=fmt,
                                 description="Egress gateway and policy engine for sandboxed agent code.",
                                 epilog=EPILOG_MAIN)
-    sub = p.add_subparsers(dest="group", metavar="{gateway,token,binding,policy}")
+    sub = p.add_subparsers(dest="group", metavar="{gateway,token,binding,secret,policy}")
     sub.required = True
 
     def state(sp):
@@ -365,6 +421,29 @@ an invalid set is rejected and the last good one stays in force.""")
     bl = b.add_parser("list", help="list bindings")
     admin(bl)
     bl.set_defaults(func=cmd_binding_list)
+
+    # secrets (local store)
+    sec = sub.add_parser("secret", help="the local encrypted secret store").add_subparsers(
+        dest="cmd", metavar="{put,get,ls,rm}")
+    sec.required = True
+    sp = sec.add_parser("put", formatter_class=fmt, help="store a secret (value read from stdin, never argv)",
+                        epilog="""examples:
+  printf %s "$GITHUB_TOKEN" | egress secret put github/token
+  # then, in a policy rule: inject: {headers: {authorization: "Bearer ${local:github/token}"}}""")
+    sp.add_argument("name")
+    state(sp)
+    sp.set_defaults(func=cmd_secret_put)
+    sg = sec.add_parser("get", help="print a secret's value (for operators; it is the secret)")
+    sg.add_argument("name")
+    state(sg)
+    sg.set_defaults(func=cmd_secret_get)
+    sl = sec.add_parser("ls", help="list secret names (never values)")
+    state(sl)
+    sl.set_defaults(func=cmd_secret_ls)
+    sr = sec.add_parser("rm", help="delete a secret")
+    sr.add_argument("name")
+    state(sr)
+    sr.set_defaults(func=cmd_secret_rm)
 
     # policy
     pol = sub.add_parser("policy", help="check policies and explain decisions").add_subparsers(

@@ -134,3 +134,18 @@ def test_gateway_run_port_in_use_exits_with_clear_error(tmp_path, which):
     assert r.returncode == 1
     assert "address already in use" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_secret_store_commands(tmp_path):
+    r = egress("secret", "put", "github/token", "--state-dir", tmp_path, stdin="ghp_cli_value\n")
+    assert r.returncode == 0, r.stderr
+    assert "ghp_cli_value" not in r.stderr + r.stdout
+    r = egress("secret", "ls", "--state-dir", tmp_path)
+    assert r.returncode == 0 and r.stdout.split() == ["github/token"]
+    r = egress("secret", "get", "github/token", "--state-dir", tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "ghp_cli_value"
+    r = egress("secret", "put", "Bad Name", "--state-dir", tmp_path, stdin="x\n")
+    assert r.returncode == 2 and "secret names" in r.stderr
+    assert egress("secret", "rm", "github/token", "--state-dir", tmp_path).returncode == 0
+    r = egress("secret", "get", "github/token", "--state-dir", tmp_path)
+    assert r.returncode == 1 and "no secret named github/token" in r.stderr
