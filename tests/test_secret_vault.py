@@ -1,0 +1,152 @@
+"""The Vault backend (hvac) against the in-repo Vault (tests/support/vault.py), or
+a real Vault when VAULT_ADDR and VAULT_TOKEN are set (tests needing the test-only
+control endpoints are skipped there, with the reason)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import hvac
+import pytest
+
+from gateway.secrets.refs import parse_ref
+from gateway.secrets.store import SecretResolver, SecretUnavailable
+from gateway.secrets.vault import VaultBackend, VaultConfig
+from tests.support.vault import start_vault, vault_from_env
+
+
+@pytest.fixture(scope="module")
+def vault(tmp_path_factory):
+    real = vault_from_env()
+    if real is not None:
+        yield real, None
+        return
+    vp = start_vault(tmp_path_factory.mktemp("vault"))
+    try:
+        yield vp.target, vp
+    finally:
+        vp.stop()
+
+
+def fake_only(vp):
+    if vp is None:
+        pytest.skip("needs the in-repo Vault's test-control endpoints (fake clock, pause, lease inspection)")
+
+
+@pytest.fixture()
+def root(vault):
+    target, _ = vault
+    return hvac.Client(url=target.addr, token=target.token, timeout=10)
+
+
+def put(root, path, data):
+    root.secrets.kv.v2.create_or_update_secret(path=path, secret=data, mount_point="secret")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_kv_v2_latest_and_versions(vault, root):
+    target, _ = vault
+    path = f"egress-test/{uuid.uuid4().hex[:8]}/github"
+    put(root, path, {"token": "ghp_v1"})
+    put(root, path, {"token": "ghp_v2"})
+    b = VaultBackend(VaultConfig(addr=target.addr, token=target.token))
+    assert run(b.fetch(parse_ref(f"vault:secret/{path}#token"))).value == "ghp_v2"
+    assert run(b.fetch(parse_ref(f"vault:secret/{path}?version=1#token"))).value == "ghp_v1"
+    for text, reason in [(f"vault:secret/{path}#nope", "no field 'nope'"),
+                         (f"vault:secret/{path}-missing#token", "not found in Vault")]:
+        with pytest.raises(SecretUnavailable) as e:
+            run(b.fetch(parse_ref(text)))
+        assert reason in e.value.reason and "ghp_" not in str(e.value)
+
+
+def test_policy_denial_and_approle_login(vault, root):
+    target, _ = vault
+    path = f"egress-test/{uuid.uuid4().hex[:8]}"
+    put(root, f"{path}/allowed", {"k": "allowed-value"})
+    put(root, f"{path}/other", {"k": "other-value"})
+    try:
+        root.sys.enable_auth_method(method_type="approle", path="approle")
+    except hvac.exceptions.InvalidRequest:
+        pass
+    pol = f"egress-{uuid.uuid4().hex[:8]}"
+    root.sys.create_or_update_acl_policy(name=pol, policy=f'path "secret/data/{path}/allowed" {{ capabilities = ["read"] }}')
+    role = f"gw-{uuid.uuid4().hex[:8]}"
+    root.auth.approle.create_or_update_approle(role_name=role, token_policies=[pol], token_ttl="20m")
+    role_id = root.auth.approle.read_role_id(role_name=role)["data"]["role_id"]
+    secret_id = root.auth.approle.generate_secret_id(role_name=role)["data"]["secret_id"]
+    b = VaultBackend(VaultConfig(addr=target.addr, auth="approle", role_id=role_id, secret_id=secret_id))
+    assert run(b.fetch(parse_ref(f"vault:secret/{path}/allowed#k"))).value == "allowed-value"
+    with pytest.raises(SecretUnavailable, match="permission denied"):
+        run(b.fetch(parse_ref(f"vault:secret/{path}/other#k")))
+    assert b.logins == 2  # the 403 caused one re-login before giving up
+
+
+def test_expired_token_logs_in_again(vault, root):
+    target, vp = vault
+    fake_only(vp)
+    path = f"egress-test/{uuid.uuid4().hex[:8]}"
+    put(root, path, {"k": "v"})
+    try:
+        root.sys.enable_auth_method(method_type="approle", path="approle")
+    except hvac.exceptions.InvalidRequest:
+        pass
+    pol = f"egress-{uuid.uuid4().hex[:8]}"
+    root.sys.create_or_update_acl_policy(name=pol, policy=f'path "secret/data/{path}" {{ capabilities = ["read"] }}')
+    role = f"gw-{uuid.uuid4().hex[:8]}"
+    root.auth.approle.create_or_update_approle(role_name=role, token_policies=[pol], token_ttl="2m",
+                                               token_max_ttl="2m")
+    role_id = root.auth.approle.read_role_id(role_name=role)["data"]["role_id"]
+    secret_id = root.auth.approle.generate_secret_id(role_name=role)["data"]["secret_id"]
+    b = VaultBackend(VaultConfig(addr=target.addr, auth="approle", role_id=role_id, secret_id=secret_id))
+    ref = parse_ref(f"vault:secret/{path}#k")
+    assert run(b.fetch(ref)).value == "v" and b.logins == 1
+    vp.advance_clock(3600)  # the gateway's token has expired in Vault
+    assert run(b.fetch(ref)).value == "v"
+    assert b.logins == 2
+
+
+def test_vault_down_fails_closed_and_recovers(vault, root):
+    target, vp = vault
+    fake_only(vp)
+    path = f"egress-test/{uuid.uuid4().hex[:8]}"
+    put(root, path, {"k": "v"})
+    b = VaultBackend(VaultConfig(addr=target.addr, token=target.token, timeout=1, kv_ttl=0))
+    r = SecretResolver({"vault": b}, stale_seconds=0)
+    ref = parse_ref(f"vault:secret/{path}#k")
+    assert run(r.resolve(ref)) == "v"
+    vp.pause()
+    try:
+        with pytest.raises(SecretUnavailable) as e:
+            run(r.resolve(ref))
+        assert "unreachable" in e.value.reason or "unavailable" in e.value.reason
+    finally:
+        vp.resume()
+    assert run(r.resolve(ref)) == "v"
+    vp.seal()
+    try:
+        with pytest.raises(SecretUnavailable, match="unavailable"):
+            run(r.resolve(ref))
+    finally:
+        vp.unseal()
+
+
+def test_dynamic_credentials_lease_and_revoke(vault, root):
+    target, vp = vault
+    fake_only(vp)
+    role = f"ro-{uuid.uuid4().hex[:8]}"
+    root.secrets.database.create_role(name=role, db_name="appdb", creation_statements=['CREATE ROLE "{{name}}"'],
+                                      default_ttl=60, max_ttl=120)
+    b = VaultBackend(VaultConfig(addr=target.addr, token=target.token))
+    user = run(b.fetch(parse_ref(f"vault-dynamic:database/creds/{role}#username")))
+    assert user.lease_id.startswith(f"database/creds/{role}/") and user.ttl == pytest.approx(40)
+    assert user.lease_id in b.leases
+    assert user.lease_id in vp.leases()["live"]
+    vp.advance_clock(30)
+    assert run(b.renew_leases(margin=60)) == []
+    run(b.revoke_lease(user.lease_id))
+    assert user.lease_id not in b.leases
+    assert user.lease_id not in vp.leases()["live"]
