@@ -33,9 +33,13 @@ from mitmproxy.proxy.mode_specs import TransparentMode
 
 from gateway.config import GatewayConfig, load_config, parse_host_overrides
 from gateway.policy.model import (
-    CODE_IDENTITY, CODE_MISMATCH, DENY, Decision, Destination, Principal, Request,
+    CODE_IDENTITY, CODE_MISMATCH, CODE_PLAINTEXT_INJECTION, CODE_SECRET_NOT_GRANTED, CODE_SECRET_UNAVAILABLE, DENY,
+    Decision, Destination, Principal, Request,
 )
 from gateway.resolver import HostError, normalise_host
+from gateway.secrets.inject import PLACEHOLDER_PREFIX, placeholders_in
+from gateway.secrets.inject import apply as inject_apply
+from gateway.secrets.store import SecretUnavailable
 from gateway.runtime import Gateway, deny_decision
 
 log = logging.getLogger("egress.addon")
@@ -249,12 +253,23 @@ class EgressGateway:
             return None
         if pending is None:
             return None
-        return self._finish_async(flow, pending)
+        if isinstance(pending, tuple):
+            return self._finish_async(flow, pending)
+        return self._guarded(flow, pending)  # fetching credentials
+
+    async def _guarded(self, flow: http.HTTPFlow, pending) -> None:
+        try:
+            await pending
+        except Exception:
+            log.exception("request handling failed")
+            self._deny(flow, "internal_error", "the gateway failed while checking this request")
 
     async def _finish_async(self, flow: http.HTTPFlow, pending) -> None:
         try:
             destination = await self.gw.resolver.resolve(pending[2].host, pending[2].port)
-            self._decide(flow, *pending, destination)
+            more = self._decide(flow, *pending, destination)
+            if more is not None:
+                await more
         except Exception:
             log.exception("request handling failed")
             self._deny(flow, "internal_error", "the gateway failed while checking this request")
@@ -355,25 +370,89 @@ class EgressGateway:
             destination = gw.resolver.lookup_cached(host)
             if destination is None:
                 return (principal, state, request, tls)  # finish after an async DNS lookup
-        self._decide(flow, principal, state, request, tls, destination)
+        return self._decide(flow, principal, state, request, tls, destination)
+
+    def _decide(self, flow, principal, state, request, tls, destination):
+        """Decide, check and inject credentials, audit, then deny or pin. Returns
+        a coroutine when secrets must be fetched first (else None)."""
+        gw = self.gw
+        decision, seconds = gw.decide(principal, request, destination)
+        if decision.allowed and decision.dial is None:  # cannot happen: an allow always has a checked address
+            decision = deny_decision("internal_error", "no checked address to connect to", decision.policy_version)
+        aliases = placeholders_in(request.headers.items())
+        if decision.allowed and (decision.inject is not None or aliases):
+            refused = self._injection_refusal(decision, aliases, request)
+            if refused is not None:
+                decision = refused
+            else:
+                refs = decision.inject.refs(aliases)
+                values = gw.secrets.cached_all(refs)
+                if values is None:
+                    return self._inject_async(flow, principal, state, request, tls, destination, decision,
+                                              seconds, refs)
+                return self._inject_and_forward(flow, principal, state, request, tls, destination, decision,
+                                                seconds, values)
+        self._finish(flow, principal, state, request, tls, destination, decision, seconds)
         return None
 
-    def _decide(self, flow, principal, state, request, tls, destination) -> None:
+    def _injection_refusal(self, decision, aliases, request):
+        inj = decision.inject
+        v = decision.policy_version
+        if aliases:
+            missing = sorted(a for a in aliases if inj is None or inj.alias(a) is None)
+            if missing:
+                shown = ", ".join(PLACEHOLDER_PREFIX + a for a in missing if a) or "a malformed egress-secret: placeholder"
+                return Decision(DENY, CODE_SECRET_NOT_GRANTED, decision.rule,
+                                f"the request carries {shown}, which rule {decision.rule} does not grant",
+                                v)
+        if inj is not None and request.scheme not in ("https", "wss") and not inj.allow_plaintext:
+            return Decision(DENY, CODE_PLAINTEXT_INJECTION, decision.rule,
+                            f"rule {decision.rule} injects credentials, which are only sent over verified TLS "
+                            f"(use https)", v)
+        return None
+
+    async def _inject_async(self, flow, principal, state, request, tls, destination, decision, seconds, refs):
+        try:
+            values = await self.gw.secrets.resolve_all(refs)
+        except SecretUnavailable as e:
+            d = Decision(DENY, CODE_SECRET_UNAVAILABLE, decision.rule,
+                         f"credential {e.ref} is unavailable: {e.reason}", decision.policy_version)
+            self._finish(flow, principal, state, request, tls, destination, d, seconds)
+            return
+        except Exception:
+            log.exception("secret resolution failed")
+            d = deny_decision("internal_error", "the gateway failed while fetching credentials",
+                              decision.policy_version)
+            self._finish(flow, principal, state, request, tls, destination, d, seconds)
+            return
+        self._inject_and_forward(flow, principal, state, request, tls, destination, decision, seconds, values)
+
+    def _inject_and_forward(self, flow, principal, state, request, tls, destination, decision, seconds, values):
+        fields = [(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in flow.request.headers.fields]
+        try:
+            new = inject_apply(decision.inject, fields, values)
+        except KeyError:  # a reference without a value: never send partial credentials
+            d = deny_decision(CODE_SECRET_UNAVAILABLE, "a credential could not be resolved", decision.policy_version)
+            self._finish(flow, principal, state, request, tls, destination, d, seconds)
+            return
+        flow.request.headers.fields = tuple((k.encode("latin-1"), v.encode("utf-8", "surrogateescape"))
+                                            for k, v in new)
+        flow.metadata["egress_injected"] = tuple(values.values())  # for reflection scrubbing; never logged
+        self._finish(flow, principal, state, request, tls, destination, decision, seconds,
+                     secrets=tuple(str(r) for r in values))
+
+    def _finish(self, flow, principal, state, request, tls, destination, decision, seconds, secrets=()) -> None:
         gw = self.gw
         host, port = request.host, request.port
-        client = flow.client_conn
-        decision, seconds = gw.decide(principal, request, destination)
         gw.record(request_id=flow.id, principal=principal, request=request, decision=decision,
-                  source=_peer(flow), destination=destination, decision_seconds=seconds)
-        if not decision.allowed or decision.dial is None:
-            if decision.allowed:  # cannot happen: an allow always has a checked address
-                decision = deny_decision("internal_error", "no checked address to connect to", decision.policy_version)
+                  source=_peer(flow), destination=destination, decision_seconds=seconds, secrets=secrets)
+        if not decision.allowed:
             self._respond(flow, decision)
             return
 
-        # 5. pin the checked address; the SNI stays the host name (see server_connect)
+        # pin the checked address; the SNI stays the host name (see server_connect)
         if state is None:
-            state = self.conns.setdefault(client.id, ConnState())
+            state = self.conns.setdefault(flow.client_conn.id, ConnState())
         key = (decision.dial, port)
         pinned = state.pins.get(key)
         if pinned is not None and pinned != host and tls:

@@ -72,6 +72,7 @@ class GatewayConfig:
     reload_interval: float = 2.0  # seconds between policy directory checks; 0 = off
     engine: str = "rust"  # rust | python
     self_addresses: tuple[str, ...] = ()  # the gateway's own addresses (never reachable)
+    vault: dict = field(default_factory=dict)  # gateway.secrets.vault.VaultConfig settings (file only)
 
     @property
     def audit_path(self) -> Path:
@@ -166,6 +167,14 @@ def load_config(path: str | Path | None, **overrides: Any) -> GatewayConfig:
                 if not isinstance(v, dict):
                     raise ConfigError("hosts: expected a mapping NAME: ADDRESS or NAME: [ADDRESSES]")
                 values[k] = {str(n).lower(): _as_tuple(a, f"hosts.{n}") for n, a in v.items()}
+            elif k == "vault":
+                from gateway.secrets.vault import VaultConfig
+                known_v = {f.name for f in fields(VaultConfig)}
+                if not isinstance(v, dict) or set(v) - known_v:
+                    raise ConfigError(f"vault: expected a mapping with keys among {', '.join(sorted(known_v))}")
+                if "kv_v1_mounts" in v:
+                    v = dict(v, kv_v1_mounts=_as_tuple(v["kv_v1_mounts"], "vault.kv_v1_mounts"))
+                values[k] = v
             elif k == "reload_interval":
                 if not isinstance(v, (int, float)) or isinstance(v, bool):
                     raise ConfigError("reload_interval: expected a number of seconds")

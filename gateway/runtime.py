@@ -50,6 +50,9 @@ STATUS = {
     "dns_failure": 502,
     "policy_unavailable": 503,
     "internal_error": 500,
+    "secret_unavailable": 503,
+    "secret_not_granted": 403,
+    "plaintext_injection": 403,
 }
 
 
@@ -78,6 +81,7 @@ class Gateway:
         self.engine = celexpr.make_engine(config.engine)
         self.identity = IdentityService(self.state_dir)
         self.resolver = Resolver(config.hosts, self_addresses=config.self_addresses)
+        self.secrets = build_secret_resolver(config)
         self.store = PolicyStore(config.policies, engine=self.engine, on_reload=self._on_reload)
         self.started = time.time()
         self._own = self._own_endpoints(config)
@@ -238,7 +242,7 @@ class Gateway:
 
     def record(self, *, request_id: str, principal: Principal | None, request: Request | None,
                decision: Decision, source: str = "", destination: Destination | None = None,
-               decision_seconds: float = 0.0, identity_code: str = "") -> None:
+               decision_seconds: float = 0.0, identity_code: str = "", secrets: tuple[str, ...] = ()) -> None:
         """Count and audit one decision (allow or deny): one JSON line, composed
         from fragments serialised once per principal, destination, decision and
         request shape (this is on the per-request path). No query string and no
@@ -255,6 +259,8 @@ class Gateway:
             parts += [',"destination":', self._destination_json(destination)]
         if decision_seconds:
             parts += [',"decision_us":', str(round(decision_seconds * 1e6, 1))]
+        if secrets:  # references (names), never values
+            parts += [',"secrets":', json.dumps(list(secrets))]
         if principal is not None:
             parts += [',"principal":', self._principal_json(principal)]
         parts.append("}")
@@ -294,6 +300,22 @@ class Gateway:
 
     def close(self) -> None:
         self.audit.close()
+
+
+def build_secret_resolver(config: GatewayConfig):
+    """local:, env: and file: always; vault: and vault-dynamic: when Vault is
+    configured (``vault`` settings, or VAULT_ADDR in the environment)."""
+    import os
+
+    from gateway.secrets.local import LocalStore
+    from gateway.secrets.store import EnvBackend, FileBackend, LocalBackend, SecretResolver
+    backends = {"env": EnvBackend(), "file": FileBackend(),
+                "local": LocalBackend(LocalStore(config.state_dir))}
+    if config.vault or os.environ.get("VAULT_ADDR"):
+        from gateway.secrets.vault import VaultBackend, VaultConfig
+        vb = VaultBackend(VaultConfig.from_env(**dict(config.vault)))
+        backends["vault"] = backends["vault-dynamic"] = vb
+    return SecretResolver(backends)
 
 
 def new_request_id() -> str:

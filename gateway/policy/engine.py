@@ -59,6 +59,7 @@ class CompiledRule:
     order: int = 0
     host: celexpr.Constraint | None = None
     use: celexpr.FieldUse | None = None
+    inject: Any = None  # gateway.secrets.inject.Injection (allow rules)
     outcome: Outcome | None = None  # what matching this rule decides (built once)
     _covered: dict = field(default_factory=dict, repr=False)  # id(Classification) -> (it, covered)
 
@@ -400,7 +401,7 @@ class PolicySet:
             dial = _dial_address(enf_allow, destination)
         return Decision(enforced.action, enforced.code, enforced.rule, enforced.reason,
                         self.version, dial=dial, shadow=shadow_outcome, errors=tuple(errors),
-                        evaluated=evaluated)
+                        evaluated=evaluated, inject=enf_allow.inject if dial is not None else None)
 
     @staticmethod
     def _outcome(deny: CompiledRule | None, allow: CompiledRule | None,

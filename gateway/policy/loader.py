@@ -25,7 +25,8 @@ NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$")
 API_VERSION = "egress/v1"
 
 POLICY_KEYS = {"apiVersion", "kind", "name", "description", "mode", "selector", "rules"}
-RULE_KEYS = {"name", "action", "when", "reason", "allow_internal", "description"}
+RULE_KEYS = {"name", "action", "when", "reason", "allow_internal", "description", "inject"}
+INJECT_KEYS = {"headers", "placeholders", "allow_plaintext"}
 MODES = ("enforce", "shadow")
 ACTIONS = ("allow", "deny")
 
@@ -142,7 +143,7 @@ def _pos(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
-def _mapping(name: str, node: yaml.Node, what: str, allowed: set[str],
+def _mapping(name: str, node: yaml.Node, what: str, allowed: set[str] | None,
              problems: list[Problem]) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
     if not isinstance(node, yaml.MappingNode):
         problems.append(Problem(name, *_pos(node), f"{what} must be a mapping"))
@@ -150,7 +151,10 @@ def _mapping(name: str, node: yaml.Node, what: str, allowed: set[str],
     out = {}
     for k, v in node.value:
         key = k.value if isinstance(k, yaml.ScalarNode) else None
-        if key not in allowed:
+        if allowed is None and key is None:
+            problems.append(Problem(name, *_pos(k), f"keys of {what} must be strings"))
+            continue
+        if allowed is not None and key not in allowed:
             problems.append(Problem(name, *_pos(k), f"unknown key {key!r} in {what} "
                                                      f"(expected one of: {', '.join(sorted(allowed))})"))
             continue
@@ -376,7 +380,68 @@ def _load_rule(name: str, node: yaml.Node, index: int, lines, engine, problems: 
                     internal.append(ipaddress.ip_network(s, strict=True))
                 except ValueError as e:
                     problems.append(Problem(name, *_pos(item), f"invalid CIDR range {s!r}: {e}"))
+    injection = None
+    if "inject" in m:
+        inode = m["inject"][1]
+        if action == "deny":
+            problems.append(Problem(name, *_pos(inode), "inject only makes sense on an allow rule"))
+        injection = _load_inject(name, inode, problems)
     if len(problems) > n_before:
         return None
     return CompiledRule(name=rname, action=action, when=when, tree=tree, reason=reason,
-                        allow_internal=tuple(internal), line=line)
+                        allow_internal=tuple(internal), line=line, inject=injection)
+
+
+def _load_inject(name: str, node: yaml.Node, problems: list[Problem]):
+    from gateway.secrets import inject as inj
+    from gateway.secrets.refs import RefError, parse_ref, parse_template
+
+    m = _mapping(name, node, "inject", INJECT_KEYS, problems)
+    if m is None:
+        return None
+    headers, placeholders, plaintext = [], [], False
+    if "headers" in m:
+        hm = _mapping(name, m["headers"][1], "inject.headers", None, problems)
+        for hname, (knode, vnode) in (hm or {}).items():
+            h = hname.lower()
+            if not inj.HEADER_NAME_RE.fullmatch(h) or h in inj.FORBIDDEN_HEADERS:
+                problems.append(Problem(name, *_pos(knode), f"cannot inject header {hname!r}"))
+                continue
+            text = _string(name, vnode, f"inject.headers.{hname}", problems)
+            if text is None:
+                continue
+            try:
+                t = parse_template(text)
+            except RefError as e:
+                line, col = _pos(vnode)
+                problems.append(Problem(name, line, col + e.column - 1 + _quote_offset(vnode), e.message))
+                continue
+            headers.append((h, t))
+    if "placeholders" in m:
+        pm = _mapping(name, m["placeholders"][1], "inject.placeholders", None, problems)
+        for alias, (knode, vnode) in (pm or {}).items():
+            if not inj.ALIAS_RE.fullmatch(alias):
+                problems.append(Problem(name, *_pos(knode), f"placeholder alias {alias!r} must be lowercase "
+                                                            "letters, digits, '.', '_' or '-'"))
+                continue
+            text = _string(name, vnode, f"inject.placeholders.{alias}", problems)
+            if text is None:
+                continue
+            try:
+                placeholders.append((alias, parse_ref(text)))
+            except RefError as e:
+                line, col = _pos(vnode)
+                problems.append(Problem(name, line, col + e.column - 1 + _quote_offset(vnode), e.message))
+    if "allow_plaintext" in m:
+        v = m["allow_plaintext"][1]
+        if not (isinstance(v, yaml.ScalarNode) and v.tag.endswith(":bool")):
+            problems.append(Problem(name, *_pos(v), "allow_plaintext must be true or false"))
+        else:
+            plaintext = v.value.lower() == "true"
+    if not headers and not placeholders:
+        problems.append(Problem(name, *_pos(node), "inject needs headers or placeholders"))
+    return inj.Injection(tuple(headers), tuple(placeholders), plaintext)
+
+
+def _quote_offset(node: yaml.Node) -> int:
+    return 1 if getattr(node, "style", None) in ("'", '"') else 0

@@ -112,6 +112,9 @@ CODE_IDENTITY = "identity_required"
 CODE_MISMATCH = "destination_mismatch"
 CODE_NO_POLICY = "policy_unavailable"
 CODE_INTERNAL_ERROR = "internal_error"
+CODE_SECRET_UNAVAILABLE = "secret_unavailable"
+CODE_SECRET_NOT_GRANTED = "secret_not_granted"
+CODE_PLAINTEXT_INJECTION = "plaintext_injection"
 
 
 @dataclass(slots=True)
@@ -133,6 +136,7 @@ class Decision:
     shadow: Outcome | None = None
     errors: tuple[str, ...] = ()  # CEL evaluation errors met on the way (rule: message)
     evaluated: int = 0  # how many expressions ran
+    inject: Any = None  # the winning allow rule's Injection (gateway.secrets.inject), if any
 
     @property
     def allowed(self) -> bool:

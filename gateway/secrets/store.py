@@ -146,6 +146,16 @@ class SecretResolver:
             return e.secret.value
         return None
 
+    def cached_all(self, refs) -> dict[SecretRef, str] | None:
+        """Every value fresh in the cache (no I/O), or None if any needs a fetch."""
+        out = {}
+        for r in refs:
+            v = self.cached(r)
+            if v is None:
+                return None
+            out[r] = v
+        return out
+
     async def resolve(self, ref: SecretRef) -> str:
         hit = self.cached(ref)
         if hit is not None:

@@ -1,0 +1,206 @@
+"""End to end: credentials injected by the real gateway from its local store and
+from Vault (the in-repo Vault, or a real one via VAULT_ADDR/VAULT_TOKEN), never
+to a destination the rule does not name, never over plaintext, never partially."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import hvac
+import pytest
+import requests
+
+from gateway.secrets.local import LocalStore
+from tests.support.gateway import basic, send_request, start_gateway
+from tests.support.procs import start_upstreams
+from tests.support.vault import start_vault, vault_from_env
+
+GITHUB = "ghp_e2e_" + uuid.uuid4().hex
+LLM = "sk-e2e-" + uuid.uuid4().hex
+VAULT_KEY = "vk-e2e-" + uuid.uuid4().hex
+VAULT_PATH = f"egress-e2e/{uuid.uuid4().hex[:8]}"
+
+POLICY = f"""\
+apiVersion: egress/v1
+kind: Policy
+name: acme
+selector: principal.tenant == "acme"
+rules:
+  - name: github
+    action: allow
+    when: request.host == "api.upstream.test"
+    allow_internal: ["127.0.0.0/8"]
+    inject:
+      headers:
+        authorization: "Bearer ${{local:github/token}}"
+      placeholders:
+        llm: local:llm/key
+  - name: vault-api
+    action: allow
+    when: request.host == "vault.upstream.test"
+    allow_internal: ["127.0.0.0/8"]
+    inject:
+      headers:
+        x-api-key: "${{vault:secret/{VAULT_PATH}#key}}"
+  - name: vault-missing
+    action: allow
+    when: request.host == "missing.upstream.test"
+    allow_internal: ["127.0.0.0/8"]
+    inject:
+      headers:
+        x-api-key: "${{vault:secret/{VAULT_PATH}-not-there#key}}"
+  - name: local-missing
+    action: allow
+    when: request.host == "nolocal.upstream.test"
+    allow_internal: ["127.0.0.0/8"]
+    inject:
+      headers:
+        x-api-key: "${{local:does/not/exist}}"
+  - name: plain
+    action: allow
+    when: request.host == "plain.upstream.test"
+    allow_internal: ["127.0.0.0/8"]
+    inject:
+      headers:
+        x-api-key: "${{local:llm/key}}"
+  - name: no-secrets
+    action: allow
+    when: request.host == "upstream.test"
+    allow_internal: ["127.0.0.0/8"]
+"""
+
+HOSTS = ["api", "vault", "missing", "nolocal", "plain"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("inject")
+    ups = start_upstreams(tmp / "up")
+    real = vault_from_env()
+    vp = None if real is not None else start_vault(tmp / "vault")
+    target = real or vp.target
+    hvac.Client(url=target.addr, token=target.token, timeout=10).secrets.kv.v2.create_or_update_secret(
+        path=VAULT_PATH, secret={"key": VAULT_KEY}, mount_point="secret")
+    pol = tmp / "pol"
+    pol.mkdir()
+    (pol / "p.yaml").write_text(POLICY)
+    store = LocalStore(tmp / "gateway-state")
+    store.put("github/token", GITHUB)
+    store.put("llm/key", LLM)
+    hosts = {f"{h}.upstream.test": "127.0.0.1" for h in HOSTS} | {"upstream.test": "127.0.0.1"}
+    gw = start_gateway(tmp, pol, hosts=hosts, upstream_ca=[ups.ca.cert], config={
+        "vault": {"addr": target.addr, "token": target.token, "timeout": 1.0}})
+    try:
+        yield gw, ups, vp
+    finally:
+        gw.stop()
+        ups.stop()
+        if vp is not None:
+            vp.stop()
+
+
+def session(gw, tenant="acme"):
+    s = requests.Session()
+    s.trust_env = False
+    s.proxies = gw.proxies(gw.mint(tenant, "agent-1"))
+    s.verify = str(gw.ca_cert)
+    return s
+
+
+def received(r) -> dict[str, str]:
+    return {k.lower(): v for k, v in r.json()["headers"]}
+
+
+def test_header_injected_replacing_what_the_sandbox_sent(env):
+    gw, ups, _ = env
+    r = session(gw).get(f"https://api.upstream.test:{ups.https_port}/echo/gh",
+                        headers={"Authorization": "Bearer sandbox-guess"})
+    assert r.status_code == 200, r.text
+    h = received(r)
+    assert h["authorization"] == f"Bearer {GITHUB}"
+    assert [k.lower() for k, _ in r.json()["headers"]].count("authorization") == 1
+    ev = [e for e in gw.audit_events() if e.get("request", {}).get("path") == "/echo/gh"][-1]
+    assert ev["secrets"] == ["local:github/token"]
+
+
+def test_placeholder_swapped(env):
+    gw, ups, _ = env
+    r = session(gw).get(f"https://api.upstream.test:{ups.https_port}/echo/ph",
+                        headers={"X-LLM-Key": "egress-secret:llm"})
+    assert r.status_code == 200, r.text
+    assert received(r)["x-llm-key"] == LLM
+
+
+@pytest.mark.parametrize("host,alias", [("api", "other"), ("upstream", "llm")])
+def test_placeholder_not_granted_is_refused(env, host, alias):
+    gw, ups, _ = env
+    before = len(ups.stats()["paths"])
+    r = session(gw).get(f"https://{host}.upstream.test:{ups.https_port}/echo/ng".replace("upstream.upstream", "upstream"),
+                        headers={"X-Key": f"egress-secret:{alias}"})
+    assert r.status_code == 403 and r.json()["code"] == "secret_not_granted", r.text
+    assert len(ups.stats()["paths"]) == before
+
+
+def test_no_injection_over_plaintext(env):
+    gw, ups, _ = env
+    r = session(gw).get(f"http://plain.upstream.test:{ups.http_port}/echo/plain")
+    assert r.status_code == 403 and r.json()["code"] == "plaintext_injection"
+    assert "/echo/plain" not in ups.stats()["paths"]
+
+
+def test_secret_not_injected_into_other_hosts(env):
+    gw, ups, _ = env
+    r = session(gw).get(f"https://upstream.test:{ups.https_port}/echo/other")
+    assert r.status_code == 200
+    assert GITHUB not in r.text and LLM not in r.text
+
+
+def test_host_header_cannot_carry_the_secret_elsewhere(env):
+    """CONNECT to the injecting host with another Host is refused before anything is injected."""
+    gw, ups, _ = env
+    from tests.support.gateway import raw_connect, tls_wrap
+    sock, resp = raw_connect(gw.proxy_port, f"api.upstream.test:{ups.https_port}", gw.mint("acme", "a"))
+    assert resp.status == 200
+    tls = tls_wrap(sock, gw.ca_cert, "api.upstream.test")
+    r = send_request(tls, "GET", "/echo/smuggle", f"upstream.test:{ups.https_port}")
+    assert r.status == 403 and r.json()["code"] == "destination_mismatch"
+    assert "/echo/smuggle" not in ups.stats()["paths"]
+
+
+def test_missing_secrets_fail_closed_with_503(env):
+    gw, ups, _ = env
+    for host, ref in [("missing", f"vault:secret/{VAULT_PATH}-not-there#key"), ("nolocal", "local:does/not/exist")]:
+        r = session(gw).get(f"https://{host}.upstream.test:{ups.https_port}/echo/{host}")
+        assert r.status_code == 503, r.text
+        body = r.json()
+        assert body["code"] == "secret_unavailable" and ref in body["reason"]
+        assert f"/echo/{host}" not in ups.stats()["paths"]
+
+
+def test_vault_injection_and_vault_down(env):
+    gw, ups, vp = env
+    r = session(gw).get(f"https://vault.upstream.test:{ups.https_port}/echo/vault")
+    assert r.status_code == 200, r.text
+    assert received(r)["x-api-key"] == VAULT_KEY
+    if vp is None:
+        pytest.skip("pausing Vault needs the in-repo Vault")
+    vp.pause()
+    try:  # a reference not in the cache cannot be fetched: 503, nothing sent
+        r = session(gw).get(f"https://missing.upstream.test:{ups.https_port}/echo/down")
+        assert r.status_code == 503 and "unreachable" in r.json()["reason"]
+        # the cached one is still served (within its TTL)
+        assert session(gw).get(f"https://vault.upstream.test:{ups.https_port}/echo/cached").status_code == 200
+    finally:
+        vp.resume()
+
+
+def test_no_secret_value_in_audit_log_metrics_or_admin(env):
+    gw, ups, _ = env
+    session(gw).get(f"https://api.upstream.test:{ups.https_port}/echo/leak",
+                    headers={"X-LLM-Key": "egress-secret:llm"})
+    produced = [(gw.state_dir / "audit.jsonl").read_text(), gw.log_text(),
+                gw.admin("GET", "/metrics")[1], json.dumps(gw.admin("GET", "/v1/policy")[1])]
+    for text in produced:
+        for value in (GITHUB, LLM, VAULT_KEY):
+            assert value not in text
