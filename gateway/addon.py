@@ -39,6 +39,8 @@ from gateway.policy.model import (
 from gateway.resolver import HostError, normalise_host
 from gateway.secrets.inject import PLACEHOLDER_PREFIX, placeholders_in
 from gateway.secrets.inject import apply as inject_apply
+from gateway.secrets.scrub import StreamScrubber, scrub_bytes
+from gateway.secrets.scrub import variants as scrub_variants
 from gateway.secrets.store import SecretUnavailable
 from gateway.runtime import Gateway, deny_decision
 
@@ -435,9 +437,11 @@ class EgressGateway:
             d = deny_decision(CODE_SECRET_UNAVAILABLE, "a credential could not be resolved", decision.policy_version)
             self._finish(flow, principal, state, request, tls, destination, d, seconds)
             return
+        # Ask for an uncompressed response, so reflected credentials can be found.
+        new = [(k, v) for k, v in new if k.lower() != "accept-encoding"] + [("accept-encoding", "identity")]
         flow.request.headers.fields = tuple((k.encode("latin-1"), v.encode("utf-8", "surrogateescape"))
                                             for k, v in new)
-        flow.metadata["egress_injected"] = tuple(values.values())  # for reflection scrubbing; never logged
+        flow.metadata["egress_scrub"] = scrub_variants(values.values())  # reflection scrubbing; never logged
         self._finish(flow, principal, state, request, tls, destination, decision, seconds,
                      secrets=tuple(str(r) for r in values))
 
@@ -465,6 +469,48 @@ class EgressGateway:
         state.pins[key] = host
         flow.request.data.host = decision.dial
         flow.metadata["egress_host"] = host
+
+    # -- reflection scrubbing ----------------------------------------------------------
+
+    def _scrubbed(self, flow, where: str, hits: int) -> None:
+        self.gw.audit.write({"event": "reflection_scrubbed", "request_id": flow.id, "where": where,
+                             "occurrences": hits, "host": flow.metadata.get("egress_host", "")})
+        self.gw.metrics.reflections.labels(where).inc(hits)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        needles = flow.metadata.get("egress_scrub")
+        if not needles or flow.response is None:
+            return
+        resp = flow.response
+        fields, hits = [], 0
+        for k, v in resp.headers.fields:
+            v2, n = scrub_bytes(v, needles)
+            hits += n
+            fields.append((k, v2))
+        if hits:
+            resp.headers.fields = tuple(fields)
+            self._scrubbed(flow, "header", hits)
+        encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            # Asked for identity, got a compressed body: it cannot be checked while
+            # streaming, so it is not passed on (fail closed).
+            self.gw.audit.write({"event": "reflection_unverifiable", "request_id": flow.id,
+                                 "content_encoding": encoding[:40]})
+            flow.kill()
+            return
+        resp.stream = StreamScrubber(needles, on_hit=lambda n: self._scrubbed(flow, "body", n))
+
+    def websocket_message(self, flow) -> None:
+        needles = flow.metadata.get("egress_scrub")
+        if not needles or flow.websocket is None or not flow.websocket.messages:
+            return
+        msg = flow.websocket.messages[-1]
+        if msg.from_client:
+            return
+        content, hits = scrub_bytes(msg.content, needles)
+        if hits:
+            msg.content = content
+            self._scrubbed(flow, "websocket", hits)
 
     def _identity_denied(self, flow, ident, *, proxy_auth: bool) -> None:
         """407 (explicit proxy, outside a tunnel) or 403, with the reason."""

@@ -108,8 +108,13 @@ def session(gw, tenant="acme"):
     return s
 
 
-def received(r) -> dict[str, str]:
-    return {k.lower(): v for k, v in r.json()["headers"]}
+def received(ups, path: str) -> dict[str, str]:
+    """The headers the upstream received for ``path`` (read from it directly,
+    not through the gateway, which scrubs reflections)."""
+    for entry in reversed(ups.seen()):
+        if entry["path"] == path:
+            return {k.lower(): v for k, v in entry["headers"]}
+    raise AssertionError(f"upstream never received {path}")
 
 
 def test_header_injected_replacing_what_the_sandbox_sent(env):
@@ -117,9 +122,10 @@ def test_header_injected_replacing_what_the_sandbox_sent(env):
     r = session(gw).get(f"https://api.upstream.test:{ups.https_port}/echo/gh",
                         headers={"Authorization": "Bearer sandbox-guess"})
     assert r.status_code == 200, r.text
-    h = received(r)
+    h = received(ups, "/echo/gh")
     assert h["authorization"] == f"Bearer {GITHUB}"
     assert [k.lower() for k, _ in r.json()["headers"]].count("authorization") == 1
+    assert GITHUB not in r.text  # the echo was scrubbed on the way back
     ev = [e for e in gw.audit_events() if e.get("request", {}).get("path") == "/echo/gh"][-1]
     assert ev["secrets"] == ["local:github/token"]
 
@@ -129,7 +135,8 @@ def test_placeholder_swapped(env):
     r = session(gw).get(f"https://api.upstream.test:{ups.https_port}/echo/ph",
                         headers={"X-LLM-Key": "egress-secret:llm"})
     assert r.status_code == 200, r.text
-    assert received(r)["x-llm-key"] == LLM
+    assert received(ups, "/echo/ph")["x-llm-key"] == LLM
+    assert LLM not in r.text
 
 
 @pytest.mark.parametrize("host,alias", [("api", "other"), ("upstream", "llm")])
@@ -182,7 +189,8 @@ def test_vault_injection_and_vault_down(env):
     gw, ups, vp = env
     r = session(gw).get(f"https://vault.upstream.test:{ups.https_port}/echo/vault")
     assert r.status_code == 200, r.text
-    assert received(r)["x-api-key"] == VAULT_KEY
+    assert received(ups, "/echo/vault")["x-api-key"] == VAULT_KEY
+    assert VAULT_KEY not in r.text
     if vp is None:
         pytest.skip("pausing Vault needs the in-repo Vault")
     vp.pause()
@@ -204,3 +212,25 @@ def test_no_secret_value_in_audit_log_metrics_or_admin(env):
     for text in produced:
         for value in (GITHUB, LLM, VAULT_KEY):
             assert value not in text
+
+
+def test_reflection_in_header_and_streamed_body_is_scrubbed(env):
+    gw, ups, _ = env
+    with session(gw).get(f"https://api.upstream.test:{ups.https_port}/reflect-stream",
+                         headers={"X-LLM-Key": "egress-secret:llm"}, stream=True) as r:
+        assert r.status_code == 200
+        body = b"".join(r.iter_content(chunk_size=5))
+        headers = dict(r.headers)
+    assert received(ups, "/reflect-stream")["authorization"] == f"Bearer {GITHUB}"
+    assert GITHUB not in headers["X-Reflected"] and "[egress:redacted]"[:5] in headers["X-Reflected"]
+    assert GITHUB.encode() not in body and LLM.encode() not in body
+    assert b"egress:redacted" in body
+    events = [e for e in gw.audit_events() if e.get("event") == "reflection_scrubbed"]
+    assert {"header", "body"} <= {e["where"] for e in events}
+    assert 'egress_reflections_scrubbed_total{where="body"}' in gw.admin("GET", "/metrics")[1]
+
+
+def test_injected_request_asks_for_identity_encoding(env):
+    gw, ups, _ = env
+    session(gw).get(f"https://api.upstream.test:{ups.https_port}/echo/enc", headers={"Accept-Encoding": "gzip"})
+    assert received(ups, "/echo/enc")["accept-encoding"] == "identity"

@@ -158,15 +158,22 @@ class Upstreams:
             raise RuntimeError("upstreams started without TLS")
         return f"wss://{self._url_host}:{self.https_port}/ws"
 
+    def seen(self) -> list[dict]:
+        """Path and headers of the last requests the upstream received (direct)."""
+        return self._get("/__seen")["seen"]
+
     def stats(self) -> dict:
         """GET /__stats over plain HTTP (direct, never via a proxy)."""
+        return self._get("/__stats")
+
+    def _get(self, path: str) -> dict:
         conn = http.client.HTTPConnection(self.host, self.http_port, timeout=10)
         try:
-            conn.request("GET", "/__stats")
+            conn.request("GET", path)
             resp = conn.getresponse()
             body = resp.read()
             if resp.status != 200:
-                raise RuntimeError(f"/__stats returned {resp.status}: {body[:200]!r}")
+                raise RuntimeError(f"{path} returned {resp.status}: {body[:200]!r}")
             return json.loads(body)
         finally:
             conn.close()

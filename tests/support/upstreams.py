@@ -55,10 +55,11 @@ def _split_raw(request: web.Request) -> tuple[str, str]:
 @web.middleware
 async def _count(request: web.Request, handler):
     path, _ = _split_raw(request)
-    if path != "/__stats":
+    if path not in ("/__stats", "/__seen"):
         stats = request.app[STATS_KEY]
         stats["requests"] += 1
         stats["paths"].append(path)
+        stats["seen"].append({"path": path, "headers": [[k, v] for k, v in request.headers.items()]})
     return await handler(request)
 
 
@@ -130,6 +131,26 @@ async def _stats(request: web.Request) -> web.Response:
     return web.json_response({"requests": stats["requests"], "paths": list(stats["paths"])})
 
 
+async def _seen(request: web.Request) -> web.Response:
+    """What arrived (path and headers of the last requests), read directly by tests."""
+    return web.json_response({"seen": list(request.app[STATS_KEY]["seen"])})
+
+
+async def _reflect_stream(request: web.Request) -> web.StreamResponse:
+    """Echo the request's headers back in a response header and in a chunked,
+    streamed body cut into 7-byte pieces (a reflection a gateway must scrub)."""
+    auth = request.headers.get("Authorization", "")
+    resp = web.StreamResponse(headers={"Content-Type": "application/json", "X-Reflected": auth})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    body = json.dumps({k: v for k, v in request.headers.items()}).encode()
+    for i in range(0, len(body), 7):
+        await resp.write(body[i:i + 7])
+        await asyncio.sleep(0)
+    await resp.write_eof()
+    return resp
+
+
 async def _close_websockets(app: web.Application) -> None:
     for ws in list(app[SOCKETS_KEY]):
         await ws.close(code=1001, message=b"server shutdown")
@@ -137,10 +158,13 @@ async def _close_websockets(app: web.Application) -> None:
 
 def make_app() -> web.Application:
     app = web.Application(middlewares=[_count], client_max_size=MAX_BODY)
-    app[STATS_KEY] = {"requests": 0, "paths": collections.deque(maxlen=STATS_KEEP)}
+    app[STATS_KEY] = {"requests": 0, "paths": collections.deque(maxlen=STATS_KEEP),
+                      "seen": collections.deque(maxlen=STATS_KEEP)}
     app[SOCKETS_KEY] = weakref.WeakSet()
     app.on_shutdown.append(_close_websockets)
     app.router.add_route("*", "/__stats", _stats)
+    app.router.add_route("GET", "/__seen", _seen)
+    app.router.add_route("*", "/reflect-stream", _reflect_stream)
     app.router.add_route("*", "/ws", _ws)
     app.router.add_route("*", r"/status/{code:\d+}", _status)
     app.router.add_route("*", r"/bytes/{n:\d+}", _bytes)
