@@ -250,6 +250,47 @@ def cmd_secret_rm(args) -> int:
     return 0
 
 
+def cmd_secret_check(args) -> int:
+    """Resolve every reference the policies' inject blocks name; report (names only)."""
+    import asyncio
+
+    from gateway.config import ConfigError, load_config
+    from gateway.runtime import build_secret_resolver
+    from gateway.secrets.store import SecretUnavailable
+
+    ps = _load_policies(args.policies, "rust")
+    try:
+        cfg = load_config(args.config, policies=args.policies, state_dir=args.state_dir)
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+    uses: dict = {}
+    for pol in ps.policies:
+        for rule in pol.rules:
+            inj = getattr(rule, "inject", None)
+            if inj is None:
+                continue
+            for r in inj.refs(frozenset(a for a, _ in inj.placeholders)):
+                uses.setdefault(r, []).append(f"{pol.name}/{rule.name}")
+    resolver = build_secret_resolver(cfg)
+
+    async def check():
+        out = []
+        for ref, rules in uses.items():
+            try:
+                await resolver.resolve(ref)
+                out.append((ref, rules, ""))
+            except SecretUnavailable as e:
+                out.append((ref, rules, e.reason))
+        return out
+    results = asyncio.run(check())
+    missing = [r for r in results if r[2]]
+    for ref, rules, reason in results:
+        print(f"{'MISSING' if reason else 'ok':<8} {ref}  (used by {', '.join(rules)})"
+              + (f": {reason}" if reason else ""))
+    print(f"{len(results)} reference(s), {len(missing)} missing", file=sys.stderr)
+    return 1 if missing else 0
+
+
 # -- policies ---------------------------------------------------------------------------------
 
 def _load_policies(directory: str, engine: str = "rust"):
@@ -424,7 +465,7 @@ an invalid set is rejected and the last good one stays in force.""")
 
     # secrets (local store)
     sec = sub.add_parser("secret", help="the local encrypted secret store").add_subparsers(
-        dest="cmd", metavar="{put,get,ls,rm}")
+        dest="cmd", metavar="{put,get,ls,rm,check}")
     sec.required = True
     sp = sec.add_parser("put", formatter_class=fmt, help="store a secret (value read from stdin, never argv)",
                         epilog="""examples:
@@ -440,6 +481,11 @@ an invalid set is rejected and the last good one stays in force.""")
     sl = sec.add_parser("ls", help="list secret names (never values)")
     state(sl)
     sl.set_defaults(func=cmd_secret_ls)
+    sc = sec.add_parser("check", help="resolve every secret reference in a policy set (names only, never values)")
+    sc.add_argument("policies", nargs="?", default=str(Path(__file__).resolve().parent.parent / "policies" / "default"))
+    sc.add_argument("--config", help="gateway configuration file (for its vault settings)")
+    state(sc)
+    sc.set_defaults(func=cmd_secret_check)
     sr = sec.add_parser("rm", help="delete a secret")
     sr.add_argument("name")
     state(sr)

@@ -149,3 +149,22 @@ def test_secret_store_commands(tmp_path):
     assert egress("secret", "rm", "github/token", "--state-dir", tmp_path).returncode == 0
     r = egress("secret", "get", "github/token", "--state-dir", tmp_path)
     assert r.returncode == 1 and "no secret named github/token" in r.stderr
+
+
+def test_secret_check_reports_missing_references_without_values(tmp_path):
+    pol = tmp_path / "pol"
+    pol.mkdir()
+    (pol / "p.yaml").write_text(
+        "apiVersion: egress/v1\nkind: Policy\nname: p\nselector: 'true'\nrules:\n"
+        "  - name: gh\n    action: allow\n    when: request.host == 'api.github.com'\n"
+        "    inject:\n      headers:\n        authorization: 'Bearer ${local:github/token}'\n"
+        "      placeholders:\n        llm: local:llm/key\n")
+    state = tmp_path / "state"
+    assert egress("secret", "put", "github/token", "--state-dir", state, stdin="ghp_check_value\n").returncode == 0
+    r = egress("secret", "check", pol, "--state-dir", state)
+    assert r.returncode == 1
+    assert "ok       local:github/token  (used by p/gh)" in r.stdout
+    assert "MISSING  local:llm/key" in r.stdout and "no such secret" in r.stdout
+    assert "ghp_check_value" not in r.stdout + r.stderr
+    assert egress("secret", "put", "llm/key", "--state-dir", state, stdin="sk\n").returncode == 0
+    assert egress("secret", "check", pol, "--state-dir", state).returncode == 0

@@ -396,6 +396,7 @@ def _load_inject(name: str, node: yaml.Node, problems: list[Problem]):
     from gateway.secrets import inject as inj
     from gateway.secrets.refs import RefError, parse_ref, parse_template
 
+    n_before = len(problems)
     m = _mapping(name, node, "inject", INJECT_KEYS, problems)
     if m is None:
         return None
@@ -438,7 +439,7 @@ def _load_inject(name: str, node: yaml.Node, problems: list[Problem]):
             problems.append(Problem(name, *_pos(v), "allow_plaintext must be true or false"))
         else:
             plaintext = v.value.lower() == "true"
-    if not headers and not placeholders:
+    if not headers and not placeholders and len(problems) == n_before:
         problems.append(Problem(name, *_pos(node), "inject needs headers or placeholders"))
     return inj.Injection(tuple(headers), tuple(placeholders), plaintext)
 
