@@ -11,11 +11,12 @@ from __future__ import annotations
 import bisect
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 MAX_TENANT_LABELS = 1000  # cardinality guard: further tenants are counted as "_other"
 
 # Decisions take microseconds; keep resolution there.
+SECRET_BUCKETS = (1e-4, 1e-3, 5e-3, 0.025, 0.1, 0.5, 1.0, 5.0)
 DECISION_BUCKETS = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.025, 0.1)
 
 
@@ -25,6 +26,8 @@ class Metrics:
         r = self.registry
         self._requests: dict[tuple[str, str, str], int] = {}  # (tenant label, decision, code) -> count
         self._buckets = [0] * (len(DECISION_BUCKETS) + 1)  # last: +Inf
+        self.secret_stats = None  # gateway.secrets.store.StoreStats, set by the runtime
+        self.lease_count = None  # callable -> number of Vault leases held
         self._decision_sum = 0.0
         r.register(_HotCollector(self))
         self.identity_failures = Counter("egress_identity_failures", "Requests refused for identity, by reason",
@@ -102,3 +105,28 @@ class _HotCollector:
             buckets.append((bound, acc))
         h.add_metric([], buckets, m._decision_sum)
         yield h
+        st = getattr(m, "secret_stats", None)
+        if st is not None:
+            for name, doc, value in (("egress_secret_cache_hits", "Secret lookups served from the cache", st.hits),
+                                     ("egress_secret_cache_misses", "Secret lookups that needed a fetch", st.misses),
+                                     ("egress_secret_stale_served", "Secret values served stale after a failed "
+                                                                    "refresh (bounded)", st.stale),
+                                     ("egress_secret_fetch_errors", "Secret fetches that failed", st.errors)):
+                c = CounterMetricFamily(name, doc)
+                c.add_metric([], value)
+                yield c
+            fs = list(st.fetch_seconds)
+            h = HistogramMetricFamily("egress_secret_fetch_duration_seconds",
+                                      "Secret fetch latency (recent fetches)")
+            acc, buckets = 0, []
+            for bound in SECRET_BUCKETS:
+                acc = sum(1 for x in fs if x <= bound)
+                buckets.append((str(bound), acc))
+            buckets.append(("+Inf", len(fs)))
+            h.add_metric([], buckets, sum(fs))
+            yield h
+        leases = getattr(m, "lease_count", None)
+        if leases is not None:
+            g = GaugeMetricFamily("egress_secret_leases", "Vault leases held for dynamic secrets")
+            g.add_metric([], leases())
+            yield g

@@ -82,6 +82,10 @@ class Gateway:
         self.identity = IdentityService(self.state_dir)
         self.resolver = Resolver(config.hosts, self_addresses=config.self_addresses)
         self.secrets = build_secret_resolver(config)
+        self.metrics.secret_stats = self.secrets.stats
+        vault = self.secrets.backends.get("vault")
+        if vault is not None:
+            self.metrics.lease_count = lambda: len(vault.leases)
         self.store = PolicyStore(config.policies, engine=self.engine, on_reload=self._on_reload)
         self.started = time.time()
         self._own = self._own_endpoints(config)

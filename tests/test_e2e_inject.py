@@ -207,8 +207,11 @@ def test_no_secret_value_in_audit_log_metrics_or_admin(env):
     gw, ups, _ = env
     session(gw).get(f"https://api.upstream.test:{ups.https_port}/echo/leak",
                     headers={"X-LLM-Key": "egress-secret:llm"})
+    metrics = gw.admin("GET", "/metrics")[1]
+    assert "egress_secret_cache_hits_total" in metrics and "egress_secret_fetch_duration_seconds_bucket" in metrics
+    assert "egress_secret_leases 0.0" in metrics
     produced = [(gw.state_dir / "audit.jsonl").read_text(), gw.log_text(),
-                gw.admin("GET", "/metrics")[1], json.dumps(gw.admin("GET", "/v1/policy")[1])]
+                metrics, json.dumps(gw.admin("GET", "/v1/policy")[1])]
     for text in produced:
         for value in (GITHUB, LLM, VAULT_KEY):
             assert value not in text
