@@ -32,6 +32,7 @@ test: venv
 bench: venv
 	$(PY) benchmarks/bench_decision.py
 	$(PY) benchmarks/bench_gateway.py
+	$(PY) benchmarks/bench_inject.py
 
 clean:
 	rm -rf $(VENV) $(STATE_DIR)

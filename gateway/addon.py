@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,6 @@ from gateway.policy.model import (
 )
 from gateway.resolver import HostError, normalise_host
 from gateway.secrets.inject import PLACEHOLDER_PREFIX, placeholders_in
-from gateway.secrets.inject import apply as inject_apply
 from gateway.secrets.scrub import StreamScrubber, scrub_bytes
 from gateway.secrets.scrub import variants as scrub_variants
 from gateway.secrets.store import SecretUnavailable
@@ -47,6 +47,8 @@ from gateway.runtime import Gateway, deny_decision
 log = logging.getLogger("egress.addon")
 
 HOP_HEADERS_TO_STRIP = ("proxy-authorization", "proxy-connection")
+_PLACEHOLDER_BYTES = re.compile(rb"egress-secret:([a-z0-9][a-z0-9._-]{0,62})")
+SCRUB_BUFFERED_MAX = 1 << 20  # responses to injected requests up to this size are scrubbed whole
 _HOP_BYTES = frozenset(h.encode() for h in HOP_HEADERS_TO_STRIP)
 
 
@@ -97,6 +99,7 @@ class EgressGateway:
         self._tasks: list[asyncio.Task] = []
         self._admin_runner = None
         self._tls_applied = False
+        self._prepared_cache: dict[tuple, tuple] = {}  # (injection, values) -> prepared headers (see _prepared)
 
     # -- mitmproxy lifecycle ------------------------------------------------------
 
@@ -429,21 +432,43 @@ class EgressGateway:
             return
         self._inject_and_forward(flow, principal, state, request, tls, destination, decision, seconds, values)
 
+    def _prepared(self, inj, values: dict) -> tuple:
+        """For one injection and one set of values (memoised): the header names it
+        replaces, the rendered header fields (bytes), the placeholder values,
+        the byte spellings to scrub, and the reference names for the audit."""
+        key = (id(inj), tuple(values.items()))
+        hit = self._prepared_cache.get(key)
+        if hit is not None and hit[0] is inj:
+            return hit[1]
+        replaced = {n.encode() for n, _ in inj.headers} | {b"accept-encoding"}
+        # Ask for an uncompressed response, so reflected credentials can be found.
+        added = tuple((n.encode(), t.render(values).encode()) for n, t in inj.headers) + \
+            ((b"accept-encoding", b"identity"),)
+        placeholders = {a.encode(): values[r].encode() for a, r in inj.placeholders if r in values}
+        prepared = (frozenset(replaced), added, placeholders, scrub_variants(values.values()),
+                    tuple(str(r) for r in values))
+        if len(self._prepared_cache) >= 1024:
+            self._prepared_cache.clear()
+        self._prepared_cache[key] = (inj, prepared)
+        return prepared
+
     def _inject_and_forward(self, flow, principal, state, request, tls, destination, decision, seconds, values):
-        fields = [(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in flow.request.headers.fields]
         try:
-            new = inject_apply(decision.inject, fields, values)
+            replaced, added, placeholders, needles, names = self._prepared(decision.inject, values)
         except KeyError:  # a reference without a value: never send partial credentials
             d = deny_decision(CODE_SECRET_UNAVAILABLE, "a credential could not be resolved", decision.policy_version)
             self._finish(flow, principal, state, request, tls, destination, d, seconds)
             return
-        # Ask for an uncompressed response, so reflected credentials can be found.
-        new = [(k, v) for k, v in new if k.lower() != "accept-encoding"] + [("accept-encoding", "identity")]
-        flow.request.headers.fields = tuple((k.encode("latin-1"), v.encode("utf-8", "surrogateescape"))
-                                            for k, v in new)
-        flow.metadata["egress_scrub"] = scrub_variants(values.values())  # reflection scrubbing; never logged
-        self._finish(flow, principal, state, request, tls, destination, decision, seconds,
-                     secrets=tuple(str(r) for r in values))
+        fields = []
+        for k, v in flow.request.headers.fields:
+            if k.lower() in replaced:
+                continue
+            if b"egress-secret:" in v:
+                v = _PLACEHOLDER_BYTES.sub(lambda m: placeholders[m.group(1)], v)
+            fields.append((k, v))
+        flow.request.headers.fields = tuple(fields) + added
+        flow.metadata["egress_scrub"] = needles  # reflection scrubbing; never logged
+        self._finish(flow, principal, state, request, tls, destination, decision, seconds, secrets=names)
 
     def _finish(self, flow, principal, state, request, tls, destination, decision, seconds, secrets=()) -> None:
         gw = self.gw
@@ -498,7 +523,21 @@ class EgressGateway:
                                  "content_encoding": encoding[:40]})
             flow.kill()
             return
-        resp.stream = StreamScrubber(needles, on_hit=lambda n: self._scrubbed(flow, "body", n))
+        length = resp.headers.get("content-length", "")
+        if length.isdigit() and int(length) <= SCRUB_BUFFERED_MAX:
+            flow.metadata["egress_scrub_buffered"] = True  # small body: scrubbed whole in response()
+        else:  # unknown or large: streamed, scrubbed chunk by chunk
+            resp.stream = StreamScrubber(needles, on_hit=lambda n: self._scrubbed(flow, "body", n))
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if not flow.metadata.get("egress_scrub_buffered") or flow.response is None:
+            return
+        raw = flow.response.raw_content
+        if raw:
+            content, hits = scrub_bytes(raw, flow.metadata["egress_scrub"])
+            if hits:
+                flow.response.raw_content = content
+                self._scrubbed(flow, "body", hits)
 
     def websocket_message(self, flow) -> None:
         needles = flow.metadata.get("egress_scrub")

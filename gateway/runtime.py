@@ -94,6 +94,7 @@ class Gateway:
         self._dest_frags: dict[int, tuple[Destination, str]] = {}
         self._decision_frags: dict[int, tuple[Decision, str]] = {}
         self._request_frags: dict[tuple, tuple[str, str]] = {}
+        self._secret_frags: dict[tuple, str] = {}
 
     @staticmethod
     def _own_endpoints(config: GatewayConfig) -> tuple[frozenset[int], frozenset]:
@@ -264,7 +265,12 @@ class Gateway:
         if decision_seconds:
             parts += [',"decision_us":', str(round(decision_seconds * 1e6, 1))]
         if secrets:  # references (names), never values
-            parts += [',"secrets":', json.dumps(list(secrets))]
+            frag = self._secret_frags.get(secrets)
+            if frag is None:
+                frag = self._secret_frags[secrets] = json.dumps(list(secrets))
+                if len(self._secret_frags) > 4096:
+                    self._secret_frags.clear()
+            parts += [',"secrets":', frag]
         if principal is not None:
             parts += [',"principal":', self._principal_json(principal)]
         parts.append("}")
