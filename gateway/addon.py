@@ -524,7 +524,9 @@ class EgressGateway:
             flow.kill()
             return
         length = resp.headers.get("content-length", "")
-        if length.isdigit() and int(length) <= SCRUB_BUFFERED_MAX:
+        # mitmproxy may already have chosen to stream (stream_large_bodies): then
+        # the scrubber must be the stream, whatever the size.
+        if length.isdigit() and int(length) <= SCRUB_BUFFERED_MAX and not resp.stream:
             flow.metadata["egress_scrub_buffered"] = True  # small body: scrubbed whole in response()
         else:  # unknown or large: streamed, scrubbed chunk by chunk
             resp.stream = StreamScrubber(needles, on_hit=lambda n: self._scrubbed(flow, "body", n))
