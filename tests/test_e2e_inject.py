@@ -237,3 +237,13 @@ def test_injected_request_asks_for_identity_encoding(env):
     gw, ups, _ = env
     session(gw).get(f"https://api.upstream.test:{ups.https_port}/echo/enc", headers={"Accept-Encoding": "gzip"})
     assert received(ups, "/echo/enc")["accept-encoding"] == "identity"
+
+
+def test_credentials_do_not_follow_a_redirect_to_another_host(env):
+    gw, ups, _ = env
+    target = f"https://upstream.test:{ups.https_port}/echo/after-redirect"
+    r = session(gw).get(f"https://api.upstream.test:{ups.https_port}/redirect", params={"to": target})
+    assert r.status_code == 200 and r.history and r.history[0].status_code == 302
+    assert received(ups, "/redirect")["authorization"] == f"Bearer {GITHUB}"
+    after = received(ups, "/echo/after-redirect")
+    assert "authorization" not in after and GITHUB not in json.dumps(after)

@@ -131,6 +131,11 @@ async def _stats(request: web.Request) -> web.Response:
     return web.json_response({"requests": stats["requests"], "paths": list(stats["paths"])})
 
 
+async def _redirect(request: web.Request) -> web.Response:
+    """302 to the URL in ``?to=`` (to test that credentials do not follow redirects)."""
+    return web.Response(status=302, headers={"Location": request.query.get("to", "/")})
+
+
 async def _seen(request: web.Request) -> web.Response:
     """What arrived (path and headers of the last requests), read directly by tests."""
     return web.json_response({"seen": list(request.app[STATS_KEY]["seen"])})
@@ -164,6 +169,7 @@ def make_app() -> web.Application:
     app.on_shutdown.append(_close_websockets)
     app.router.add_route("*", "/__stats", _stats)
     app.router.add_route("GET", "/__seen", _seen)
+    app.router.add_route("*", "/redirect", _redirect)
     app.router.add_route("*", "/reflect-stream", _reflect_stream)
     app.router.add_route("*", "/ws", _ws)
     app.router.add_route("*", r"/status/{code:\d+}", _status)
