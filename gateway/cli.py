@@ -196,33 +196,29 @@ def cmd_reload(args) -> int:
 
 # -- local secret store -----------------------------------------------------------------------
 
-def _store(args):
+def _store_op(args, op):
+    """Run ``op(store)`` on the local store; bad names are usage errors (2),
+    an unusable store is a failure (1)."""
     from gateway.secrets.local import LocalStore, StoreError
     try:
-        return LocalStore(args.state_dir)
+        return op(LocalStore(args.state_dir))
     except StoreError as e:
         raise CliError(str(e), 1) from None
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 def cmd_secret_put(args) -> int:
-    from gateway.secrets.local import StoreError
     if sys.stdin.isatty():
         print(f"value for {args.name} (then Enter):", file=sys.stderr)
     value = sys.stdin.readline().rstrip("\r\n")
-    try:
-        _store(args).put(args.name, value)
-    except (ValueError, StoreError) as e:
-        raise CliError(str(e)) from None
+    _store_op(args, lambda st: st.put(args.name, value))
     print(f"stored {args.name} (local:{args.name})", file=sys.stderr)
     return 0
 
 
 def cmd_secret_get(args) -> int:
-    from gateway.secrets.local import StoreError
-    try:
-        value = _store(args).get(args.name)
-    except (ValueError, StoreError) as e:
-        raise CliError(str(e)) from None
+    value = _store_op(args, lambda st: st.get(args.name))
     if value is None:
         raise CliError(f"no secret named {args.name}", 1)
     print(value)
@@ -230,22 +226,13 @@ def cmd_secret_get(args) -> int:
 
 
 def cmd_secret_ls(args) -> int:
-    from gateway.secrets.local import StoreError
-    try:
-        for n in _store(args).names():
-            print(n)
-    except StoreError as e:
-        raise CliError(str(e), 1) from None
+    for n in _store_op(args, lambda st: st.names()):
+        print(n)
     return 0
 
 
 def cmd_secret_rm(args) -> int:
-    from gateway.secrets.local import StoreError
-    try:
-        found = _store(args).delete(args.name)
-    except (ValueError, StoreError) as e:
-        raise CliError(str(e)) from None
-    if not found:
+    if not _store_op(args, lambda st: st.delete(args.name)):
         raise CliError(f"no secret named {args.name}", 1)
     return 0
 
