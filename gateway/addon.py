@@ -155,6 +155,8 @@ class EgressGateway:
                 return
         if gw.config.reload_interval > 0:
             self._tasks.append(loop.create_task(self._poll_policies(gw.config.reload_interval)))
+        if gw.secrets.backends.get("vault-dynamic") is not None:
+            self._tasks.append(loop.create_task(self._maintain_leases(30.0)))
         try:
             loop.add_signal_handler(signal.SIGHUP, self._sighup)
         except (NotImplementedError, RuntimeError, ValueError):  # pragma: no cover - not main thread
@@ -174,6 +176,21 @@ class EgressGateway:
                     await asyncio.to_thread(self.gw.store.poll)
             except Exception:  # pragma: no cover
                 log.exception("policy poll failed")
+
+    async def _maintain_leases(self, interval: float) -> None:
+        """Renew leases that are still in use and revoke those of expired identities."""
+        vault = self.gw.secrets.backends["vault-dynamic"]
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                for lease_id in await vault.revoke_expired_owners():
+                    self.gw.audit.write({"event": "lease_revoked", "lease": lease_id.rsplit("/", 1)[0],
+                                         "reason": "identity expired"})
+                failed = await vault.renew_leases(margin=2 * interval)
+                if failed:
+                    log.warning("%d Vault lease(s) could not be renewed", len(failed))
+            except Exception:  # pragma: no cover
+                log.exception("lease maintenance failed")
 
     async def done(self) -> None:
         for t in self._tasks:
@@ -307,6 +324,7 @@ class EgressGateway:
         if ident.principal is None:
             return self._identity_denied(flow, ident, proxy_auth=proxy_auth)
         principal = ident.principal
+        flow.metadata["egress_expires"] = ident.expires_at
 
         # 2. which host, and do CONNECT target / SNI / Host agree
         if req.is_http2 or req.is_http3:
@@ -391,7 +409,7 @@ class EgressGateway:
                 decision = refused
             else:
                 refs = decision.inject.refs(aliases)
-                values = gw.secrets.cached_all(refs)
+                values = gw.secrets.cached_all(refs, owner=_owner(principal))
                 if values is None:
                     return self._inject_async(flow, principal, state, request, tls, destination, decision,
                                               seconds, refs)
@@ -418,7 +436,8 @@ class EgressGateway:
 
     async def _inject_async(self, flow, principal, state, request, tls, destination, decision, seconds, refs):
         try:
-            values = await self.gw.secrets.resolve_all(refs)
+            values = await self.gw.secrets.resolve_all(refs, owner=_owner(principal),
+                                                        owner_expires=flow.metadata.get("egress_expires", 0))
         except SecretUnavailable as e:
             d = Decision(DENY, CODE_SECRET_UNAVAILABLE, decision.rule,
                          f"credential {e.ref} is unavailable: {e.reason}", decision.policy_version)
@@ -585,6 +604,13 @@ class EgressGateway:
 
     def udp_start(self, flow) -> None:
         flow.kill()
+
+
+def _owner(principal: Principal) -> str:
+    """Who leased secrets belong to (revoked with it): the token id, or the binding."""
+    if principal.token_id:
+        return principal.token_id
+    return f"{principal.source}:{principal.tenant}/{principal.agent}/{principal.session}"
 
 
 def _raw_request(flow) -> Request | None:

@@ -192,9 +192,8 @@ def make_app(gw: Gateway, token: str) -> web.Application:
         tid = body.get("token_id")
         if not isinstance(tid, str) or not tid:
             raise ValueError("token_id is required")
-        gw.identity.revoke(tid)
-        gw.audit.write({"event": "identity_revoked", "token_id": tid})
-        return web.json_response({"revoked": tid})
+        failed = await gw.revoke_identity(tid)
+        return web.json_response({"revoked": tid, "leases_not_revoked": len(failed)})
 
     async def revocations(_):
         return web.json_response({"revoked": sorted(gw.identity.revoked)})

@@ -160,6 +160,17 @@ class Gateway:
 
     # -- identity ---------------------------------------------------------------
 
+    async def revoke_identity(self, token_id: str) -> list[str]:
+        """Revoke a token: no request with it is allowed from now on, and the
+        leased secrets it used are dropped and revoked in Vault. Returns the
+        lease ids that could not be revoked yet."""
+        self.identity.revoke(token_id)
+        self.secrets.forget_owner(token_id)
+        vault = self.secrets.backends.get("vault-dynamic")
+        failed = await vault.revoke_owner(token_id) if vault is not None else []
+        self.audit.write({"event": "identity_revoked", "token_id": token_id, "leases_not_revoked": len(failed)})
+        return failed
+
     def identity_failure(self, result: IdentityResult) -> None:
         self.metrics.identity_failures.labels(result.code or "unknown").inc()
 

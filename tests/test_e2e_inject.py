@@ -20,6 +20,7 @@ GITHUB = "ghp_e2e_" + uuid.uuid4().hex
 LLM = "sk-e2e-" + uuid.uuid4().hex
 VAULT_KEY = "vk-e2e-" + uuid.uuid4().hex
 VAULT_PATH = f"egress-e2e/{uuid.uuid4().hex[:8]}"
+DB_ROLE = f"ro-{uuid.uuid4().hex[:8]}"
 
 POLICY = f"""\
 apiVersion: egress/v1
@@ -64,13 +65,20 @@ rules:
     inject:
       headers:
         x-api-key: "${{local:llm/key}}"
+  - name: dynamic
+    action: allow
+    when: request.host == "dyn.upstream.test"
+    allow_internal: ["127.0.0.0/8"]
+    inject:
+      headers:
+        x-db-user: "${{vault-dynamic:database/creds/{DB_ROLE}#username}}"
   - name: no-secrets
     action: allow
     when: request.host == "upstream.test"
     allow_internal: ["127.0.0.0/8"]
 """
 
-HOSTS = ["api", "vault", "missing", "nolocal", "plain"]
+HOSTS = ["api", "vault", "missing", "nolocal", "plain", "dyn"]
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +88,12 @@ def env(tmp_path_factory):
     real = vault_from_env()
     vp = None if real is not None else start_vault(tmp / "vault")
     target = real or vp.target
-    hvac.Client(url=target.addr, token=target.token, timeout=10).secrets.kv.v2.create_or_update_secret(
-        path=VAULT_PATH, secret={"key": VAULT_KEY}, mount_point="secret")
+    root = hvac.Client(url=target.addr, token=target.token, timeout=10)
+    root.secrets.kv.v2.create_or_update_secret(path=VAULT_PATH, secret={"key": VAULT_KEY}, mount_point="secret")
+    if vp is not None:  # a real Vault needs a configured database plugin for this
+        root.secrets.database.create_role(name=DB_ROLE, db_name="appdb",
+                                          creation_statements=['CREATE ROLE "{{name}}"'], default_ttl=300,
+                                          max_ttl=600)
     pol = tmp / "pol"
     pol.mkdir()
     (pol / "p.yaml").write_text(POLICY)
@@ -247,3 +259,34 @@ def test_credentials_do_not_follow_a_redirect_to_another_host(env):
     assert received(ups, "/redirect")["authorization"] == f"Bearer {GITHUB}"
     after = received(ups, "/echo/after-redirect")
     assert "authorization" not in after and GITHUB not in json.dumps(after)
+
+
+def test_leased_credentials_are_per_identity_and_revoked_with_it(env):
+    gw, ups, vp = env
+    if vp is None:
+        pytest.skip("needs the in-repo Vault's database engine and lease inspection")
+    from gateway import tokens
+    tok_a, tok_b = gw.mint("acme", "agent-a"), gw.mint("acme", "agent-b")
+    users = {}
+    for name, tok in (("a", tok_a), ("b", tok_b)):
+        s = requests.Session()
+        s.trust_env = False
+        s.proxies = gw.proxies(tok)
+        s.verify = str(gw.ca_cert)
+        for i in range(2):
+            r = s.get(f"https://dyn.upstream.test:{ups.https_port}/echo/dyn-{name}-{i}")
+            assert r.status_code == 200, r.text
+        users[name] = {received(ups, f"/echo/dyn-{name}-{i}")["x-db-user"] for i in range(2)}
+    assert len(users["a"]) == 1 and len(users["b"]) == 1 and users["a"] != users["b"]  # one lease each
+    live_before = set(vp.leases()["live"])
+    tid_a = tokens.verify(tok_a, tokens.VerifyKeys.from_private(gw.key)).token_id
+    status, out = gw.admin("POST", "/v1/revocations", {"token_id": tid_a})
+    assert status == 200 and out["leases_not_revoked"] == 0
+    live_after = set(vp.leases()["live"])
+    assert len(live_before - live_after) == 1  # exactly agent-a's lease
+    s = requests.Session()
+    s.trust_env = False
+    s.proxies = gw.proxies(tok_b)
+    s.verify = str(gw.ca_cert)
+    r = s.get(f"https://dyn.upstream.test:{ups.https_port}/echo/dyn-b-after")
+    assert r.status_code == 200 and received(ups, "/echo/dyn-b-after")["x-db-user"] in users["b"]

@@ -30,7 +30,7 @@ class Flaky:
         self.calls = 0
         self.ttl = ttl
 
-    async def fetch(self, ref):
+    async def fetch(self, ref, **kw):
         self.calls += 1
         await asyncio.sleep(0)
         if self.down:
@@ -97,7 +97,7 @@ def test_resolve_all_is_all_or_nothing():
 
 def test_unconfigured_scheme_and_backend_crash_fail_closed():
     class Broken:
-        async def fetch(self, ref):
+        async def fetch(self, ref, **kw):
             raise RuntimeError("token=abc leaked?")
     r = SecretResolver({"vault": Broken()})
     with pytest.raises(SecretUnavailable) as e:

@@ -150,3 +150,24 @@ def test_dynamic_credentials_lease_and_revoke(vault, root):
     run(b.revoke_lease(user.lease_id))
     assert user.lease_id not in b.leases
     assert user.lease_id not in vp.leases()["live"]
+
+
+def test_leases_are_per_identity_and_revoked_with_it(vault, root):
+    target, vp = vault
+    fake_only(vp)
+    role = f"ro-{uuid.uuid4().hex[:8]}"
+    root.secrets.database.create_role(name=role, db_name="appdb", creation_statements=['CREATE ROLE "{{name}}"'],
+                                      default_ttl=60, max_ttl=120)
+    b = VaultBackend(VaultConfig(addr=target.addr, token=target.token))
+    r = SecretResolver({"vault-dynamic": b})
+    ref = parse_ref(f"vault-dynamic:database/creds/{role}#username")
+    a1 = run(r.resolve(ref, owner="tok-a"))
+    assert run(r.resolve(ref, owner="tok-a")) == a1  # cached for the same identity
+    b1 = run(r.resolve(ref, owner="tok-b", owner_expires=1.0))  # another identity: its own lease
+    assert a1 != b1 and len(b.leases) == 2
+    by_owner = {lease.owner: lid for lid, lease in b.leases.items()}
+    assert run(b.revoke_owner("tok-a")) == [] and r.forget_owner("tok-a") == 1
+    live = vp.leases()["live"]
+    assert by_owner["tok-a"] not in live and by_owner["tok-b"] in live
+    assert run(b.revoke_expired_owners()) == [by_owner["tok-b"]]  # tok-b's token expired (unix time 1)
+    assert by_owner["tok-b"] not in vp.leases()["live"] and not b.leases

@@ -47,7 +47,7 @@ class Secret:
 
 
 class Backend(Protocol):
-    async def fetch(self, ref: SecretRef) -> Secret: ...
+    async def fetch(self, ref: SecretRef, owner: str = "", owner_expires: float = 0.0) -> Secret: ...
 
 
 class EnvBackend:
@@ -57,7 +57,7 @@ class EnvBackend:
         self.ttl = ttl
         self.environ = environ
 
-    async def fetch(self, ref: SecretRef) -> Secret:
+    async def fetch(self, ref: SecretRef, owner: str = "", owner_expires: float = 0.0) -> Secret:
         value = self.environ.get(ref.name)
         if not value:
             raise SecretUnavailable(ref, "environment variable is not set")
@@ -71,7 +71,7 @@ class FileBackend:
         self.ttl = ttl
         self.max_bytes = max_bytes
 
-    async def fetch(self, ref: SecretRef) -> Secret:
+    async def fetch(self, ref: SecretRef, owner: str = "", owner_expires: float = 0.0) -> Secret:
         def read() -> str:
             p = Path(ref.name)
             with p.open("rb") as f:
@@ -102,7 +102,7 @@ class LocalBackend:
         self.store = store
         self.ttl = ttl
 
-    async def fetch(self, ref: SecretRef) -> Secret:
+    async def fetch(self, ref: SecretRef, owner: str = "", owner_expires: float = 0.0) -> Secret:
         from gateway.secrets.local import StoreError
         try:
             value = await asyncio.to_thread(self.store.get, ref.name)
@@ -134,62 +134,69 @@ class SecretResolver:
         self.backends = backends
         self.stale_seconds = stale_seconds
         self.clock = clock
-        self._cache: dict[SecretRef, _Entry] = {}
-        self._inflight: dict[SecretRef, asyncio.Future] = {}
+        # Leased (vault-dynamic) secrets are per identity: keyed by (ref, owner), so
+        # revoking an identity can revoke exactly the leases it used.
+        self._cache: dict[tuple[SecretRef, str], _Entry] = {}
+        self._inflight: dict[tuple[SecretRef, str], asyncio.Future] = {}
         self.stats = StoreStats()
 
-    def cached(self, ref: SecretRef) -> str | None:
+    @staticmethod
+    def _key(ref: SecretRef, owner: str) -> tuple[SecretRef, str]:
+        return (ref, owner if ref.dynamic else "")
+
+    def cached(self, ref: SecretRef, owner: str = "") -> str | None:
         """A fresh cached value without I/O, or None."""
-        e = self._cache.get(ref)
+        e = self._cache.get(self._key(ref, owner))
         if e is not None and e.expires > self.clock():
             self.stats.hits += 1
             return e.secret.value
         return None
 
-    def cached_all(self, refs) -> dict[SecretRef, str] | None:
+    def cached_all(self, refs, owner: str = "") -> dict[SecretRef, str] | None:
         """Every value fresh in the cache (no I/O), or None if any needs a fetch."""
         out = {}
         for r in refs:
-            v = self.cached(r)
+            v = self.cached(r, owner)
             if v is None:
                 return None
             out[r] = v
         return out
 
-    async def resolve(self, ref: SecretRef) -> str:
-        hit = self.cached(ref)
+    async def resolve(self, ref: SecretRef, owner: str = "", owner_expires: float = 0.0) -> str:
+        hit = self.cached(ref, owner)
         if hit is not None:
             return hit
         self.stats.misses += 1
-        fut = self._inflight.get(ref)
-        if fut is None:  # one fetch per reference at a time
+        key = self._key(ref, owner)
+        fut = self._inflight.get(key)
+        if fut is None:  # one fetch per reference (and owner, for leases) at a time
             fut = asyncio.get_running_loop().create_future()
-            self._inflight[ref] = fut
+            self._inflight[key] = fut
             try:
-                fut.set_result(await self._refresh(ref))
+                fut.set_result(await self._refresh(ref, key, owner_expires))
             except SecretUnavailable as e:
                 fut.set_exception(e)
                 fut.exception()  # retrieved: no "never retrieved" warning when nobody else waits
             finally:
-                self._inflight.pop(ref, None)
+                self._inflight.pop(key, None)
         return (await asyncio.shield(fut)).value
 
-    async def _refresh(self, ref: SecretRef) -> Secret:
+    async def _refresh(self, ref: SecretRef, key: tuple[SecretRef, str], owner_expires: float) -> Secret:
         backend = self.backends.get(ref.scheme)
         if backend is None:
             raise SecretUnavailable(ref, f"no {ref.scheme} secret backend is configured")
         t0 = time.perf_counter()
         try:
-            secret = await backend.fetch(ref)
+            secret = await backend.fetch(ref, owner=key[1], owner_expires=owner_expires)
         except SecretUnavailable as e:
             self.stats.errors += 1
-            stale = self._stale(ref)
+            stale = self._stale(key)
             if stale is not None:
                 return stale
             raise e
         except Exception as e:  # a backend bug or an unexpected client error: fail closed
             self.stats.errors += 1
-            stale = self._stale(ref)
+            stale = self._stale(key)
             if stale is not None:
                 return stale
             raise SecretUnavailable(ref, f"secret backend error ({type(e).__name__})") from None
@@ -199,20 +206,24 @@ class SecretResolver:
             if len(fs) > 1000:
                 del fs[:500]
         now = self.clock()
-        self._cache[ref] = _Entry(secret, now, now + max(0.0, secret.ttl))
+        self._cache[key] = _Entry(secret, now, now + max(0.0, secret.ttl))
         return secret
 
-    def _stale(self, ref: SecretRef) -> Secret | None:
-        e = self._cache.get(ref)
+    def _stale(self, key: tuple[SecretRef, str]) -> Secret | None:
+        if key[0].dynamic:
+            return None  # a lease that could not be renewed or re-read is not used stale
+        e = self._cache.get(key)
         if e is not None and self.clock() < e.expires + self.stale_seconds:
             self.stats.stale += 1
             return e.secret
         return None
 
-    async def resolve_all(self, refs: Iterable[SecretRef]) -> dict[SecretRef, str]:
+    async def resolve_all(self, refs: Iterable[SecretRef], owner: str = "",
+                          owner_expires: float = 0.0) -> dict[SecretRef, str]:
         """Every reference or SecretUnavailable for the first that failed (all-or-nothing)."""
         refs = list(dict.fromkeys(refs))
-        values = await asyncio.gather(*(self.resolve(r) for r in refs), return_exceptions=True)
+        values = await asyncio.gather(*(self.resolve(r, owner, owner_expires) for r in refs),
+                                      return_exceptions=True)
         for r, v in zip(refs, values):
             if isinstance(v, BaseException):
                 if isinstance(v, SecretUnavailable):
@@ -224,4 +235,12 @@ class SecretResolver:
         if ref is None:
             self._cache.clear()
         else:
-            self._cache.pop(ref, None)
+            for key in [k for k in self._cache if k[0] == ref]:
+                del self._cache[key]
+
+    def forget_owner(self, owner: str) -> int:
+        """Drop the leased values an identity used (its token was revoked)."""
+        keys = [k for k in self._cache if k[1] == owner and owner]
+        for k in keys:
+            del self._cache[k]
+        return len(keys)

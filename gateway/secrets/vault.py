@@ -65,7 +65,8 @@ class _Lease:
     lease_id: str
     expires: float
     renewable: bool
-    owner: str = ""  # token id of the identity that used it (for revocation)
+    owner: str = ""  # the identity that used it (token id): revoked with it
+    owner_expires: float = 0.0  # unix time the owner's token expires (0: unknown)
 
 
 class VaultBackend:
@@ -180,7 +181,7 @@ class VaultBackend:
             raise SecretUnavailable(ref, f"field {ref.field!r} is not a non-empty string")
         return Secret(value, self.config.kv_ttl)
 
-    def _read_dynamic(self, ref: SecretRef) -> Secret:
+    def _read_dynamic(self, ref: SecretRef, owner: str = "", owner_expires: float = 0.0) -> Secret:
         resp = self._call(ref, lambda client: client.read(ref.name))
         if not resp or "data" not in resp:
             raise SecretUnavailable(ref, "not found in Vault")
@@ -190,15 +191,16 @@ class VaultBackend:
         lease_id = resp.get("lease_id", "")
         ttl = float(resp.get("lease_duration") or 0)
         if lease_id:
-            self.leases[lease_id] = _Lease(lease_id, time.monotonic() + ttl, bool(resp.get("renewable")))
+            self.leases[lease_id] = _Lease(lease_id, time.monotonic() + ttl, bool(resp.get("renewable")),
+                                           owner, owner_expires)
         # Cache for at most 2/3 of the lease so a value is never used after its lease ends.
         return Secret(value, ttl * 2 / 3, lease_id=lease_id, renewable=bool(resp.get("renewable")))
 
-    async def fetch(self, ref: SecretRef) -> Secret:
+    async def fetch(self, ref: SecretRef, owner: str = "", owner_expires: float = 0.0) -> Secret:
         if ref.scheme == "vault":
             return await asyncio.to_thread(self._read_kv, ref)
         if ref.scheme == "vault-dynamic":
-            return await asyncio.to_thread(self._read_dynamic, ref)
+            return await asyncio.to_thread(self._read_dynamic, ref, owner, owner_expires)
         raise SecretUnavailable(ref, "not a Vault reference")
 
     # -- leases -------------------------------------------------------------------------------
@@ -210,6 +212,29 @@ class VaultBackend:
 
     async def revoke_lease(self, lease_id: str) -> None:
         await asyncio.to_thread(self._revoke, lease_id)
+
+    async def revoke_owner(self, owner: str) -> list[str]:
+        """Revoke every lease the identity ``owner`` used; returns the ids that
+        could not be revoked (they stay listed and are retried)."""
+        failed = []
+        for lease in [x for x in self.leases.values() if owner and x.owner == owner]:
+            try:
+                await self.revoke_lease(lease.lease_id)
+            except SecretUnavailable:
+                failed.append(lease.lease_id)
+        return failed
+
+    async def revoke_expired_owners(self, now: float | None = None) -> list[str]:
+        """Revoke leases whose owner's token has expired; returns the revoked ids."""
+        now = time.time() if now is None else now
+        done = []
+        for lease in [x for x in self.leases.values() if x.owner_expires and x.owner_expires <= now]:
+            try:
+                await self.revoke_lease(lease.lease_id)
+                done.append(lease.lease_id)
+            except SecretUnavailable:
+                pass
+        return done
 
     def _renew_due(self, margin: float) -> list[str]:
         failed = []
