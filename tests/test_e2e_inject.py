@@ -14,11 +14,12 @@ import requests
 from gateway.secrets.local import LocalStore
 from tests.support.gateway import basic, send_request, start_gateway
 from tests.support.procs import start_upstreams
+from tests.conftest import register_secret
 from tests.support.vault import start_vault, vault_from_env
 
-GITHUB = "ghp_e2e_" + uuid.uuid4().hex
-LLM = "sk-e2e-" + uuid.uuid4().hex
-VAULT_KEY = "vk-e2e-" + uuid.uuid4().hex
+GITHUB = register_secret("ghp_e2e_" + uuid.uuid4().hex)
+LLM = register_secret("sk-e2e-" + uuid.uuid4().hex)
+VAULT_KEY = register_secret("vk-e2e-" + uuid.uuid4().hex)
 VAULT_PATH = f"egress-e2e/{uuid.uuid4().hex[:8]}"
 DB_ROLE = f"ro-{uuid.uuid4().hex[:8]}"
 
@@ -220,6 +221,7 @@ def test_no_secret_value_in_audit_log_metrics_or_admin(env):
     session(gw).get(f"https://api.upstream.test:{ups.https_port}/echo/leak",
                     headers={"X-LLM-Key": "egress-secret:llm"})
     metrics = gw.admin("GET", "/metrics")[1]
+    (gw.state_dir / "metrics-snapshot.txt").write_text(metrics)  # scanned again at the end of the session
     assert "egress_secret_cache_hits_total" in metrics and "egress_secret_fetch_duration_seconds_bucket" in metrics
     assert "egress_secret_leases 0.0" in metrics
     produced = [(gw.state_dir / "audit.jsonl").read_text(), gw.log_text(),

@@ -11,9 +11,12 @@ import requests
 
 from tests.support.gateway import start_gateway
 from tests.support.procs import start_upstreams
+from tests.conftest import register_secret
 from tests.support.vault import start_vault, vault_from_env
 
 PATH = f"egress-relogin/{uuid.uuid4().hex[:8]}"
+V1 = register_secret("relogin-1-" + uuid.uuid4().hex)
+V2 = register_secret("relogin-2-" + uuid.uuid4().hex)
 
 POLICY = f"""\
 apiVersion: egress/v1
@@ -39,7 +42,7 @@ def test_token_expiry_and_relogin(tmp_path):
     gw = None
     try:
         root = hvac.Client(url=vp.addr, token=vp.root_token, timeout=10)
-        root.secrets.kv.v2.create_or_update_secret(path=PATH, secret={"key": "value-1"}, mount_point="secret")
+        root.secrets.kv.v2.create_or_update_secret(path=PATH, secret={"key": V1}, mount_point="secret")
         root.sys.enable_auth_method(method_type="approle", path="approle")
         root.sys.create_or_update_acl_policy(name="gw", policy=f'path "secret/data/{PATH}" {{ capabilities = ["read"] }}')
         root.auth.approle.create_or_update_approle(role_name="gw", token_policies=["gw"], token_ttl="10m",
@@ -62,14 +65,14 @@ def test_token_expiry_and_relogin(tmp_path):
             headers = next(e for e in reversed(ups.seen()) if e["path"] == path)["headers"]
             return {k.lower(): v for k, v in headers}["x-api-key"]
 
-        assert key_seen("/echo/1") == "value-1"
+        assert key_seen("/echo/1") == V1
         vp.advance_clock(3600)  # the gateway's Vault token (10 min) has expired
         root = hvac.Client(url=vp.addr, token=vp.root_token, timeout=10)
-        root.secrets.kv.v2.create_or_update_secret(path=PATH, secret={"key": "value-2"}, mount_point="secret")
+        root.secrets.kv.v2.create_or_update_secret(path=PATH, secret={"key": V2}, mount_point="secret")
         # Fetched again with a new login. Without it the 403 would leave only the
         # stale value-1 (served for up to 60 s after a failed refresh).
-        assert key_seen("/echo/2") == "value-2"
-        assert "value-1" not in (gw.state_dir / "audit.jsonl").read_text()
+        assert key_seen("/echo/2") == V2
+        assert V1 not in (gw.state_dir / "audit.jsonl").read_text()
     finally:
         if gw is not None:
             gw.stop()

@@ -1,0 +1,58 @@
+"""Suite-wide checks.
+
+Leak scan: tests that put secret values into the gateway register them with
+``register_secret``. When the session ends, every log a gateway process wrote,
+every audit file and every metrics snapshot under pytest's temporary directory
+is scanned for those values; any hit fails the run. The logs of the test
+doubles (upstreams, Vault) are not scanned: they are meant to see the secrets.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+_SECRETS: set[str] = set()
+_TEST_DOUBLE_LOGS = ("upstreams.log", "vault.log")
+
+
+def register_secret(value: str) -> str:
+    _SECRETS.add(value)
+    return value
+
+
+def _scanned_files(base):
+    for p in base.rglob("*"):
+        if not p.is_file():
+            continue
+        if p.name.endswith(".log") and p.name not in _TEST_DOUBLE_LOGS:
+            yield p
+        elif p.name == "audit.jsonl" or p.name.startswith("metrics-snapshot"):
+            yield p
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    if not _SECRETS:
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    try:
+        base = factory.getbasetemp()
+    except Exception:
+        return
+    leaks, scanned = [], 0
+    for path in _scanned_files(base):
+        scanned += 1
+        data = path.read_bytes()
+        for value in _SECRETS:
+            if value.encode() in data:
+                leaks.append(f"{path}: contains a registered secret ({value[:4]}...)")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if leaks:
+        if reporter:
+            reporter.write_line("LEAK SCAN FAILED:\n  " + "\n  ".join(leaks), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    elif reporter:
+        reporter.write_line(f"leak scan: {len(_SECRETS)} secret value(s), {scanned} log/audit/metrics file(s), "
+                            f"no leak")
