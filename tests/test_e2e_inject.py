@@ -292,3 +292,20 @@ def test_leased_credentials_are_per_identity_and_revoked_with_it(env):
     s.verify = str(gw.ca_cert)
     r = s.get(f"https://dyn.upstream.test:{ups.https_port}/echo/dyn-b-after")
     assert r.status_code == 200 and received(ups, "/echo/dyn-b-after")["x-db-user"] in users["b"]
+
+
+@pytest.mark.parametrize("connect,sni,host", [
+    ("api", "upstream.test", "api"),  # SNI names another host
+    ("upstream", "upstream.test", "api"),  # Host names the injecting host inside another tunnel
+])
+def test_no_injection_when_connect_sni_and_host_disagree(env, connect, sni, host):
+    gw, ups, _ = env
+    from tests.support.gateway import raw_connect, tls_wrap
+    name = {"api": "api.upstream.test", "upstream": "upstream.test"}
+    sock, resp = raw_connect(gw.proxy_port, f"{name[connect]}:{ups.https_port}", gw.mint("acme", "a"))
+    assert resp.status == 200
+    tls = tls_wrap(sock, gw.ca_cert, sni)
+    path = f"/echo/mismatch-{connect}-{host}"
+    r = send_request(tls, "GET", path, f"{name[host]}:{ups.https_port}")
+    assert r.status == 403 and r.json()["code"] == "destination_mismatch"
+    assert path not in ups.stats()["paths"]

@@ -171,3 +171,48 @@ def test_leases_are_per_identity_and_revoked_with_it(vault, root):
     assert by_owner["tok-a"] not in live and by_owner["tok-b"] in live
     assert run(b.revoke_expired_owners()) == [by_owner["tok-b"]]  # tok-b's token expired (unix time 1)
     assert by_owner["tok-b"] not in vp.leases()["live"] and not b.leases
+
+
+def test_jwt_auth(vault, root, tmp_path):
+    import time
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from tests.test_support_vault import make_jwt
+    target, _ = vault
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    mount = f"jwt-{uuid.uuid4().hex[:8]}"
+    root.sys.enable_auth_method(method_type="jwt", path=mount)
+    root.auth.jwt.configure(jwt_validation_pubkeys=[pem], path=mount)
+    path = f"egress-test/{uuid.uuid4().hex[:8]}"
+    put(root, path, {"k": "jwt-value"})
+    pol = f"egress-{uuid.uuid4().hex[:8]}"
+    root.sys.create_or_update_acl_policy(name=pol, policy=f'path "secret/data/{path}" {{ capabilities = ["read"] }}')
+    root.auth.jwt.create_role(name="gateway", role_type="jwt", user_claim="sub", bound_audiences=["egress"],
+                              allowed_redirect_uris=None, token_ttl="15m", token_policies=[pol], path=mount)
+    now = int(time.time())  # other tests move the in-repo Vault's clock forward: a long expiry
+    jwt_file = tmp_path / "jwt"
+    jwt_file.write_text(make_jwt(key, "EdDSA", {"sub": "gw", "aud": "egress", "iat": now, "exp": now + 30 * 86400}))
+    b = VaultBackend(VaultConfig(addr=target.addr, auth="jwt", role="gateway", jwt_file=str(jwt_file),
+                                 auth_mount=mount))
+    assert run(b.fetch(parse_ref(f"vault:secret/{path}#k"))).value == "jwt-value"
+
+
+def test_namespace(vault, root):
+    target, _ = vault
+    if not root.sys.read_health_status(method="GET").get("enterprise"):
+        pytest.skip("namespaces need Vault Enterprise")
+    ns = f"team-{uuid.uuid4().hex[:8]}"
+    root.sys.create_namespace(path=ns)
+    nsc = hvac.Client(url=target.addr, token=target.token, namespace=ns, timeout=10)
+    nsc.sys.enable_secrets_engine(backend_type="kv", path="secret", options={"version": "2"})
+    path = f"shared-{uuid.uuid4().hex[:8]}"
+    nsc.secrets.kv.v2.create_or_update_secret(path=path, secret={"who": "namespace"}, mount_point="secret")
+    put(root, path, {"who": "root"})
+    ref = parse_ref(f"vault:secret/{path}#who")
+    assert run(VaultBackend(VaultConfig(addr=target.addr, token=target.token, namespace=ns)).fetch(ref)).value \
+        == "namespace"
+    assert run(VaultBackend(VaultConfig(addr=target.addr, token=target.token)).fetch(ref)).value == "root"
