@@ -216,3 +216,98 @@ def test_namespace(vault, root):
     assert run(VaultBackend(VaultConfig(addr=target.addr, token=target.token, namespace=ns)).fetch(ref)).value \
         == "namespace"
     assert run(VaultBackend(VaultConfig(addr=target.addr, token=target.token)).fetch(ref)).value == "root"
+
+
+def test_vault_over_tls_needs_its_ca(tmp_path):
+    vp = start_vault(tmp_path / "tls-vault", tls=True)
+    try:
+        assert vp.addr.startswith("https://")
+        root = hvac.Client(url=vp.addr, token=vp.root_token, verify=str(vp.tls_ca), timeout=10)
+        root.secrets.kv.v2.create_or_update_secret(path="tls/x", secret={"k": "over-tls"}, mount_point="secret")
+        ref = parse_ref("vault:secret/tls/x#k")
+        ok = VaultBackend(VaultConfig(addr=vp.addr, token=vp.root_token, ca_cert=str(vp.tls_ca)))
+        assert run(ok.fetch(ref)).value == "over-tls"
+        untrusted = VaultBackend(VaultConfig(addr=vp.addr, token=vp.root_token))  # system trust only
+        with pytest.raises(SecretUnavailable) as e:
+            run(untrusted.fetch(ref))
+        assert "over-tls" not in str(e.value)
+    finally:
+        vp.stop()
+
+
+def test_token_is_renewed_before_it_expires(vault, root):
+    target, vp = vault
+    fake_only(vp)
+    try:
+        root.sys.enable_auth_method(method_type="approle", path="approle")
+    except hvac.exceptions.InvalidRequest:
+        pass
+    path = f"egress-test/{uuid.uuid4().hex[:8]}"
+    put(root, path, {"k": "v"})
+    pol = f"egress-{uuid.uuid4().hex[:8]}"
+    root.sys.create_or_update_acl_policy(name=pol, policy=f'path "secret/data/{path}" {{ capabilities = ["read"] }}')
+    role = f"gw-{uuid.uuid4().hex[:8]}"
+    root.auth.approle.create_or_update_approle(role_name=role, token_policies=[pol], token_ttl="20m",
+                                               token_max_ttl="2h")
+    role_id = root.auth.approle.read_role_id(role_name=role)["data"]["role_id"]
+    secret_id = root.auth.approle.generate_secret_id(role_name=role)["data"]["secret_id"]
+    b = VaultBackend(VaultConfig(addr=target.addr, auth="approle", role_id=role_id, secret_id=secret_id))
+    ref = parse_ref(f"vault:secret/{path}#k")
+    run(b.fetch(ref))
+    import time as _time
+    b._token_expires = _time.monotonic() + 10  # as if most of its 20 minutes had passed
+    run(b.fetch(ref))
+    assert b.logins == 1  # renewed, not a new login
+    assert b._token_expires - _time.monotonic() > 600
+
+
+def test_kubernetes_auth(vault, root, tmp_path):
+    import time
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from tests.test_support_vault import make_jwt
+    target, vp = vault
+    fake_only(vp)  # a real Vault needs a cluster (TokenReview) for this
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "service-account-signer")])
+    t = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(t - datetime.timedelta(days=1))
+            .not_valid_after(t + datetime.timedelta(days=30)).sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode()  # hvac wants certificates in pem_keys
+    mount = f"k8s-{uuid.uuid4().hex[:8]}"
+    root.sys.enable_auth_method(method_type="kubernetes", path=mount)
+    root.auth.kubernetes.configure(kubernetes_host="https://kubernetes.default.svc", pem_keys=[pem],
+                                   mount_point=mount)
+    path = f"egress-test/{uuid.uuid4().hex[:8]}"
+    put(root, path, {"k": "k8s-value"})
+    pol = f"egress-{uuid.uuid4().hex[:8]}"
+    root.sys.create_or_update_acl_policy(name=pol, policy=f'path "secret/data/{path}" {{ capabilities = ["read"] }}')
+    root.auth.kubernetes.create_role(name="gateway", bound_service_account_names=["egress-gateway"],
+                                     bound_service_account_namespaces=["egress"], policies=[pol], ttl="15m",
+                                     mount_point=mount)
+    now = int(time.time())
+
+    def sa_jwt(name, namespace):
+        f = tmp_path / f"sa-{name}-{namespace}"
+        f.write_text(make_jwt(key, "RS256", {"iss": "kubernetes/serviceaccount", "sub": f"system:serviceaccount:{namespace}:{name}",
+                                             "kubernetes.io/serviceaccount/service-account.name": name,
+                                             "kubernetes.io/serviceaccount/namespace": namespace,
+                                             "iat": now, "exp": now + 30 * 86400}))
+        return str(f)
+
+    ref = parse_ref(f"vault:secret/{path}#k")
+    good = VaultBackend(VaultConfig(addr=target.addr, auth="kubernetes", role="gateway",
+                                    jwt_file=sa_jwt("egress-gateway", "egress"), auth_mount=mount))
+    assert run(good.fetch(ref)).value == "k8s-value"
+    wrong = VaultBackend(VaultConfig(addr=target.addr, auth="kubernetes", role="gateway",
+                                     jwt_file=sa_jwt("intruder", "egress"), auth_mount=mount))
+    with pytest.raises(SecretUnavailable, match="permission denied"):
+        run(wrong.fetch(ref))

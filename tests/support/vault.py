@@ -679,6 +679,8 @@ def route(vault: Vault, req: Req) -> Handler:
             return lambda v, r: approle_backend(v, r, mount, sub)
         if mount.type in ("jwt", "oidc"):
             return lambda v, r: jwt_backend(v, r, mount, sub)
+        if mount.type == "kubernetes":
+            return lambda v, r: kubernetes_backend(v, r, mount, sub)
         raise no_handler(p)
     mount = _longest_mount(ns.mounts, p)
     if mount is None:
@@ -872,7 +874,7 @@ def sys_auth(vault: Vault, req: Req, name: str) -> Response:
         type_ = req.body.get("type")
         if not type_:
             raise bad_request("backend type must be specified as a string")
-        if type_ not in ("approle", "jwt", "oidc"):
+        if type_ not in ("approle", "jwt", "oidc", "kubernetes"):
             raise bad_request(f"plugin not found in the catalog: {type_}")
         for existing in ns.auth:
             if existing.startswith(mp) or mp.startswith(existing):
@@ -1262,7 +1264,11 @@ def _verify_jwt(vault: Vault, token: str, keys: list[str]) -> dict:
         raise bad_request(f"error validating token: unsupported signing algorithm {alg!r}")
     verified = False
     for pem in keys:
-        key = serialization.load_pem_public_key(pem.encode())
+        if "BEGIN CERTIFICATE" in pem:  # pem_keys may hold certificates: their public key is used
+            from cryptography import x509
+            key = x509.load_pem_x509_certificate(pem.encode()).public_key()
+        else:
+            key = serialization.load_pem_public_key(pem.encode())
         try:
             if alg.startswith("RS") and isinstance(key, rsa.RSAPublicKey):
                 hsh = {"RS256": hashes.SHA256(), "RS384": hashes.SHA384(), "RS512": hashes.SHA512()}[alg]
@@ -1397,6 +1403,78 @@ def jwt_backend(vault: Vault, req: Req, mount: Mount, sub: str) -> Response:
         _require(vault, req)
         mount.roles.pop(name, None)
         return NO_CONTENT
+    raise unsupported_operation()
+
+
+# --------------------------------------------------------------------------
+# auth/kubernetes — https://developer.hashicorp.com/vault/api-docs/auth/kubernetes
+# Real Vault asks the Kubernetes TokenReview API about the service-account JWT,
+# or verifies it with the configured ``pem_keys``. With no cluster here, this
+# implementation supports ``pem_keys`` only.
+# --------------------------------------------------------------------------
+
+SA_NAME = "kubernetes.io/serviceaccount/service-account.name"
+SA_NAMESPACE = "kubernetes.io/serviceaccount/namespace"
+
+
+def kubernetes_backend(vault: Vault, req: Req, mount: Mount, sub: str) -> Response:
+    b = req.body or {}
+    if sub == "config":
+        if req.op == "read":
+            _require(vault, req)
+            return ok(envelope(dict(mount.jwt_config)))
+        if req.op != "update":
+            raise unsupported_operation()
+        _require(vault, req)
+        if not b.get("kubernetes_host"):
+            raise bad_request("no host provided")
+        keys = as_list(b.get("pem_keys"))
+        if not keys:
+            raise bad_request("this in-repo Vault only supports pem_keys (no TokenReview API here)")
+        mount.jwt_config = {"kubernetes_host": b["kubernetes_host"], "pem_keys": keys}
+        return NO_CONTENT
+    if sub == "login":
+        if req.op != "update":
+            raise unsupported_operation()
+        role = mount.roles.get((b.get("role") or "").lower())
+        if role is None:
+            raise bad_request(f'invalid role name "{b.get("role", "")}"')
+        if not b.get("jwt"):
+            raise bad_request("missing jwt")
+        if not mount.jwt_config:
+            raise bad_request("could not load backend configuration")
+        claims = _verify_jwt(vault, b["jwt"], mount.jwt_config["pem_keys"])
+        name, namespace = claims.get(SA_NAME), claims.get(SA_NAMESPACE)
+        names, namespaces = role["bound_service_account_names"], role["bound_service_account_namespaces"]
+        if "*" not in names and name not in names:
+            raise permission_denied()  # Vault: "service account name not authorized" (403)
+        if "*" not in namespaces and namespace not in namespaces:
+            raise permission_denied()  # Vault: "namespace not authorized" (403)
+        return _login(vault, req, mount, role, f"{mount.path.rstrip('/')}-{namespace}-{name}",
+                      {"role": b["role"], "service_account_name": name, "service_account_namespace": namespace})
+    m = re.fullmatch(r"role/([^/]+)", sub)
+    if not m:
+        raise unsupported_path()
+    name = m.group(1).lower()
+    if req.op == "update":
+        req.op = "update" if name in mount.roles else "create"
+        _require(vault, req)
+        old = mount.roles.get(name, {})
+        role = dict(old)
+        role.update(_token_params(b, old))
+        role["bound_service_account_names"] = as_list(b.get("bound_service_account_names",
+                                                             old.get("bound_service_account_names")))
+        role["bound_service_account_namespaces"] = as_list(b.get("bound_service_account_namespaces",
+                                                                  old.get("bound_service_account_namespaces")))
+        if not role["bound_service_account_names"] or not role["bound_service_account_namespaces"]:
+            raise bad_request('"bound_service_account_names" and "bound_service_account_namespaces" can not be empty')
+        mount.roles[name] = role
+        return NO_CONTENT
+    if req.op == "read":
+        _require(vault, req)
+        if name not in mount.roles:
+            raise not_found()
+        return ok(envelope(dict(mount.roles[name])))
     raise unsupported_operation()
 
 
@@ -1781,7 +1859,12 @@ async def serve(args: argparse.Namespace) -> None:
         sock.bind((args.host, args.port))
         sock.listen(128)
         sock.setblocking(False)
-        await web.SockSite(runner, sock).start()
+        ssl_ctx = None
+        if args.cert:
+            import ssl
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(args.cert, args.key)
+        await web.SockSite(runner, sock, ssl_context=ssl_ctx).start()
         info = {"port": sock.getsockname()[1], "pid": os.getpid(), "root_token": root_token}
         if args.ready_file:
             _write_ready(args.ready_file, info)
@@ -1798,6 +1881,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--ready-file", help="where to write {port, pid, root_token} as JSON")
     p.add_argument("--root-token", help="root token id (default: random hvs.*)")
+    p.add_argument("--cert", help="serve HTTPS with this certificate chain (PEM)")
+    p.add_argument("--key", help="private key for --cert")
     args = p.parse_args(argv)
     asyncio.run(serve(args))
     return 0
@@ -1831,11 +1916,12 @@ class VaultProc:
     port: int
     root_token: str
     proc: Any  # tests.support.procs.ManagedProcess
+    tls_ca: Path | None = None  # the CA that signed its certificate when it serves HTTPS
 
     @property
     def addr(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls_ca else 'http'}://{host}:{self.port}"
 
     @property
     def target(self) -> VaultTarget:
@@ -1843,7 +1929,12 @@ class VaultProc:
 
     def control(self, method: str, path: str, body: dict | None = None, timeout: float = 10) -> dict:
         """Call a /v1/_test/ endpoint (NOT part of Vault)."""
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        if self.tls_ca:
+            import ssl
+            ctx = ssl.create_default_context(cafile=str(self.tls_ca))
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=ctx)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         try:
             data = json.dumps(body).encode() if body is not None else None
             conn.request(method, f"/v1/_test/{path.lstrip('/')}", body=data,
@@ -1894,8 +1985,11 @@ class VaultProc:
 
 
 def start_vault(tmpdir: str | os.PathLike[str], *, host: str = "127.0.0.1",
-                root_token: str | None = None, timeout: float = 15) -> VaultProc:
-    """Start the in-repo Vault in a subprocess and wait for its ready file."""
+                root_token: str | None = None, timeout: float = 15, tls: bool = False) -> VaultProc:
+    """Start the in-repo Vault in a subprocess and wait for its ready file.
+    With ``tls``, it serves HTTPS with a certificate from a fresh test CA
+    (``VaultProc.tls_ca``)."""
+    from .certs import issue_server_cert, make_test_ca
     from .procs import REPO_ROOT, ManagedProcess
 
     d = Path(tmpdir)
@@ -1908,6 +2002,12 @@ def start_vault(tmpdir: str | os.PathLike[str], *, host: str = "127.0.0.1",
     ]
     if root_token:
         args += ["--root-token", root_token]
+    tls_ca = None
+    if tls:
+        ca = make_test_ca(d / "pki")
+        leaf = issue_server_cert(ca, d / "pki", ["localhost"], [host], stem="vault")
+        args += ["--cert", leaf.chain, "--key", leaf.key]
+        tls_ca = ca.cert
     env = dict(os.environ)
     env["AIOHTTP_NO_EXTENSIONS"] = "1"
     proc = ManagedProcess(args, d, name="vault", cwd=REPO_ROOT, env=env)
@@ -1926,7 +2026,7 @@ def start_vault(tmpdir: str | os.PathLike[str], *, host: str = "127.0.0.1",
     except BaseException:
         proc.stop()
         raise
-    return VaultProc(host=host, port=info["port"], root_token=info["root_token"], proc=proc)
+    return VaultProc(host=host, port=info["port"], root_token=info["root_token"], proc=proc, tls_ca=tls_ca)
 
 
 def vault_from_env(environ: dict[str, str] | None = None) -> VaultTarget | None:
