@@ -2,8 +2,9 @@
 
 Leak scan: tests that put secret values into the gateway register them with
 ``register_secret``. When the session ends, every log a gateway process wrote,
-every audit file and every metrics snapshot under pytest's temporary directory
-is scanned for those values; any hit fails the run. The logs of the test
+every audit file, every metrics snapshot and every captured sandbox response
+(``sandbox-responses.log``) under pytest's temporary directory is scanned for
+those values; any hit fails the run. The logs of the test
 doubles (upstreams, Vault) are not scanned: they are meant to see the secrets.
 """
 

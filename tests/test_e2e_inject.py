@@ -73,6 +73,13 @@ rules:
     inject:
       headers:
         x-db-user: "${{vault-dynamic:database/creds/{DB_ROLE}#username}}"
+  - name: badcert
+    action: allow
+    when: request.host == "badcert.test"
+    allow_internal: ["127.0.0.0/8"]
+    inject:
+      headers:
+        authorization: "Bearer ${{local:github/token}}"
   - name: no-secrets
     action: allow
     when: request.host == "upstream.test"
@@ -101,7 +108,8 @@ def env(tmp_path_factory):
     store = LocalStore(tmp / "gateway-state")
     store.put("github/token", GITHUB)
     store.put("llm/key", LLM)
-    hosts = {f"{h}.upstream.test": "127.0.0.1" for h in HOSTS} | {"upstream.test": "127.0.0.1"}
+    hosts = {f"{h}.upstream.test": "127.0.0.1" for h in HOSTS} | {"upstream.test": "127.0.0.1",
+                                                                  "badcert.test": "127.0.0.1"}
     gw = start_gateway(tmp, pol, hosts=hosts, upstream_ca=[ups.ca.cert], config={
         "vault": {"addr": target.addr, "token": target.token, "timeout": 1.0}})
     try:
@@ -114,10 +122,18 @@ def env(tmp_path_factory):
 
 
 def session(gw, tenant="acme"):
+    """A client whose every response (status, headers, body) is also appended to
+    sandbox-responses.log, which the suite's leak scan reads at the end."""
     s = requests.Session()
     s.trust_env = False
     s.proxies = gw.proxies(gw.mint(tenant, "agent-1"))
     s.verify = str(gw.ca_cert)
+
+    def capture(r, *args, **kwargs):
+        body = b"" if r.raw is None or kwargs.get("stream") else r.content
+        with open(gw.state_dir / "sandbox-responses.log", "ab") as f:
+            f.write(f"{r.status_code} {r.url}\n{dict(r.headers)}\n".encode() + body + b"\n")
+    s.hooks["response"].append(capture)
     return s
 
 
@@ -238,6 +254,8 @@ def test_reflection_in_header_and_streamed_body_is_scrubbed(env):
         assert r.status_code == 200
         body = b"".join(r.iter_content(chunk_size=5))
         headers = dict(r.headers)
+    with open(gw.state_dir / "sandbox-responses.log", "ab") as f:  # the streamed body, for the leak scan
+        f.write(repr(headers).encode() + body + b"\n")
     assert received(ups, "/reflect-stream")["authorization"] == f"Bearer {GITHUB}"
     assert GITHUB not in headers["X-Reflected"] and "[egress:redacted]"[:5] in headers["X-Reflected"]
     assert GITHUB.encode() not in body and LLM.encode() not in body
@@ -309,3 +327,14 @@ def test_no_injection_when_connect_sni_and_host_disagree(env, connect, sni, host
     r = send_request(tls, "GET", path, f"{name[host]}:{ups.https_port}")
     assert r.status == 403 and r.json()["code"] == "destination_mismatch"
     assert path not in ups.stats()["paths"]
+
+
+def test_no_credentials_to_an_upstream_whose_certificate_does_not_verify(env):
+    """badcert.test reaches the upstream, whose certificate does not name it: the
+    TLS handshake fails, so the request with the credential is never sent."""
+    gw, ups, _ = env
+    before = ups.stats()["requests"]
+    r = session(gw).get(f"https://badcert.test:{ups.https_port}/echo/badcert")
+    assert r.status_code == 502
+    assert GITHUB not in r.text
+    assert ups.stats()["requests"] == before
