@@ -278,6 +278,31 @@ def cmd_secret_check(args) -> int:
     return 1 if missing else 0
 
 
+# -- audit ----------------------------------------------------------------------------------------
+
+def cmd_audit_export(args) -> int:
+    from gateway.audit_formats import convert
+    files = args.files or [str(Path(args.state_dir) / "audit.jsonl")]
+    bad = 0
+    for f in files:
+        try:
+            fh = open(f, encoding="utf-8")
+        except OSError as e:
+            raise CliError(f"cannot read {f}: {e.strerror}", 1) from None
+        with fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    bad += 1
+                    print(f"{f}:{n}: not a JSON event, skipped", file=sys.stderr)
+                    continue
+                print(json.dumps(convert(ev, args.format), separators=(",", ":")))
+    return 1 if bad else 0
+
+
 # -- policies ---------------------------------------------------------------------------------
 
 def _load_policies(directory: str, engine: str = "rust"):
@@ -357,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="egress", formatter_class=fmt,
                                 description="Egress gateway and policy engine for sandboxed agent code.",
                                 epilog=EPILOG_MAIN)
-    sub = p.add_subparsers(dest="group", metavar="{gateway,token,binding,secret,policy}")
+    sub = p.add_subparsers(dest="group", metavar="{gateway,token,binding,secret,audit,policy}")
     sub.required = True
 
     def state(sp):
@@ -477,6 +502,18 @@ an invalid set is rejected and the last good one stays in force.""")
     sr.add_argument("name")
     state(sr)
     sr.set_defaults(func=cmd_secret_rm)
+
+    # audit
+    au = sub.add_parser("audit", help="audit events").add_subparsers(dest="cmd", metavar="{export}")
+    au.required = True
+    ex = au.add_parser("export", formatter_class=fmt, help="print audit events as JSON, OCSF or ECS (one per line)",
+                       epilog="""examples:
+  egress audit export --format ocsf                     # <state dir>/audit.jsonl as OCSF HTTP Activity (4002)
+  egress audit export --format ecs /var/lib/egress/audit.jsonl > ecs.ndjson""")
+    ex.add_argument("files", nargs="*", help="audit files (default: <state dir>/audit.jsonl)")
+    ex.add_argument("--format", choices=("json", "ocsf", "ecs"), default="json")
+    state(ex)
+    ex.set_defaults(func=cmd_audit_export)
 
     # policy
     pol = sub.add_parser("policy", help="check policies and explain decisions").add_subparsers(

@@ -168,3 +168,18 @@ def test_secret_check_reports_missing_references_without_values(tmp_path):
     assert "ghp_check_value" not in r.stdout + r.stderr
     assert egress("secret", "put", "llm/key", "--state-dir", state, stdin="sk\n").returncode == 0
     assert egress("secret", "check", pol, "--state-dir", state).returncode == 0
+
+
+def test_audit_export_formats(tmp_path):
+    from tests.test_audit_formats import EVENT
+    f = tmp_path / "audit.jsonl"
+    f.write_text(json.dumps(EVENT) + "\n" + json.dumps({"event": "policy_reload", "ts": EVENT["ts"]}) + "\n")
+    r = egress("audit", "export", "--format", "ocsf", f)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert lines[0]["class_uid"] == 4002 and lines[1]["event"] == "policy_reload"
+    r = egress("audit", "export", "--format", "ecs", "--state-dir", tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[0])["ecs"]["version"]
+    f.write_text("not json\n")
+    r = egress("audit", "export", f)
+    assert r.returncode == 1 and "not a JSON event" in r.stderr
