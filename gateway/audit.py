@@ -7,10 +7,12 @@ string (it often carries keys). The full SIEM export is a separate module.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +45,10 @@ class AuditLog:
         self._lock = threading.Lock()
         self._file = None
         self._flush_pending = False
+        self._prev, self._seq = GENESIS, 0
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._prev, self._seq = chain_head(self.path)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
             self._file = os.fdopen(fd, "a", buffering=1 << 16, encoding="utf-8")
         self.written = 0
@@ -66,6 +70,11 @@ class AuditLog:
             return True
         try:
             with self._lock:
+                # Hash chain: each event carries its sequence number and the
+                # SHA-256 of the line before it (egress audit verify).
+                self._seq += 1
+                line = f'{{"seq":{self._seq},"prev":"{self._prev}",' + line[1:]
+                self._prev = hashlib.sha256(line.encode()).hexdigest()
                 f.write(line + "\n")
                 self.written += 1
                 if flush:
@@ -107,6 +116,69 @@ class AuditLog:
                 except OSError:
                     self._failed()
                 self._file = None
+
+
+GENESIS = "0" * 64
+
+
+def chain_head(path: Path) -> tuple[str, int]:
+    """(hash of the last line, its seq) of an existing audit file, to continue its chain."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if size == 0:
+                return GENESIS, 0
+            f.seek(max(0, size - 65536))
+            tail = f.read().rstrip(b"\n")
+    except OSError:
+        return GENESIS, 0
+    last = tail.rsplit(b"\n", 1)[-1]
+    try:
+        seq = int(json.loads(last).get("seq", 0))
+    except (ValueError, AttributeError):
+        seq = 0
+    return hashlib.sha256(last).hexdigest(), seq
+
+
+@dataclass(frozen=True)
+class ChainBreak:
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+def verify_chain(files) -> tuple[int, ChainBreak | None]:
+    """Check the hash chain across ``files`` (in order). Returns (events checked,
+    the first break or None). A changed, deleted or reordered event breaks the
+    chain at the event after it (the last event is anchored only by later ones)."""
+    prev_hash = prev_seq = None
+    n = 0
+    for name in files:
+        with open(name, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                raw = raw.rstrip(b"\n")
+                if not raw:
+                    continue
+                try:
+                    ev = json.loads(raw)
+                    seq, prev = int(ev["seq"]), str(ev["prev"])
+                except (ValueError, KeyError, TypeError):
+                    return n, ChainBreak(str(name), lineno, "not a chained audit event")
+                if prev_hash is not None:
+                    if prev != prev_hash:
+                        return n, ChainBreak(str(name), lineno, f"hash chain broken before event {seq}: the "
+                                             f"previous event was changed, removed or moved")
+                    if seq != prev_seq + 1:
+                        what = "missing" if seq > prev_seq + 1 else "out of order"
+                        return n, ChainBreak(str(name), lineno, f"event {seq} follows event {prev_seq}: "
+                                             f"events {what}")
+                prev_hash, prev_seq = hashlib.sha256(raw).hexdigest(), seq
+                n += 1
+    return n, None
 
 
 def _running_loop():

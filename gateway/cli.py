@@ -303,6 +303,20 @@ def cmd_audit_export(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_audit_verify(args) -> int:
+    from gateway.audit import verify_chain
+    files = args.files or [str(Path(args.state_dir) / "audit.jsonl")]
+    try:
+        n, brk = verify_chain(files)
+    except OSError as e:
+        raise CliError(f"cannot read {e.filename}: {e.strerror}", 1) from None
+    if brk is not None:
+        print(f"BROKEN after {n} good event(s): {brk}")
+        return 1
+    print(f"ok: {n} event(s), hash chain intact")
+    return 0
+
+
 # -- policies ---------------------------------------------------------------------------------
 
 def _load_policies(directory: str, engine: str = "rust"):
@@ -504,7 +518,7 @@ an invalid set is rejected and the last good one stays in force.""")
     sr.set_defaults(func=cmd_secret_rm)
 
     # audit
-    au = sub.add_parser("audit", help="audit events").add_subparsers(dest="cmd", metavar="{export}")
+    au = sub.add_parser("audit", help="audit events").add_subparsers(dest="cmd", metavar="{export,verify}")
     au.required = True
     ex = au.add_parser("export", formatter_class=fmt, help="print audit events as JSON, OCSF or ECS (one per line)",
                        epilog="""examples:
@@ -514,6 +528,10 @@ an invalid set is rejected and the last good one stays in force.""")
     ex.add_argument("--format", choices=("json", "ocsf", "ecs"), default="json")
     state(ex)
     ex.set_defaults(func=cmd_audit_export)
+    ve = au.add_parser("verify", help="check the audit files' hash chain; report the first break")
+    ve.add_argument("files", nargs="*", help="audit files in order (default: <state dir>/audit.jsonl)")
+    state(ve)
+    ve.set_defaults(func=cmd_audit_verify)
 
     # policy
     pol = sub.add_parser("policy", help="check policies and explain decisions").add_subparsers(

@@ -183,3 +183,17 @@ def test_audit_export_formats(tmp_path):
     f.write_text("not json\n")
     r = egress("audit", "export", f)
     assert r.returncode == 1 and "not a JSON event" in r.stderr
+
+
+def test_audit_verify_command(tmp_path):
+    from gateway.audit import AuditLog
+    log = AuditLog(tmp_path / "audit.jsonl")
+    for i in range(3):
+        log.write({"event": "decision", "i": i})
+    log.close()
+    r = egress("audit", "verify", "--state-dir", tmp_path)
+    assert r.returncode == 0 and "3 event(s), hash chain intact" in r.stdout
+    p = tmp_path / "audit.jsonl"
+    p.write_text(p.read_text().replace('"i":0', '"i":9'))
+    r = egress("audit", "verify", p)
+    assert r.returncode == 1 and "BROKEN after 1 good event(s)" in r.stdout and ":2:" in r.stdout

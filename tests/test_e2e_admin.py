@@ -153,6 +153,9 @@ def test_metrics_and_audit_lines(env):
     for e in decisions:
         assert {"ts", "request_id", "decision", "code", "policy_version", "principal", "request"} <= set(e)
         assert "query" not in e["request"]
+    from gateway.audit import verify_chain
+    n, brk = verify_chain([gw.state_dir / "audit.jsonl"])  # the running gateway's file is one intact chain
+    assert brk is None and n == len(gw.audit_events())
 
 
 def test_decide_endpoint_explains_without_sending(env):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+
+import pytest
 import os
 
 from gateway import metrics as metrics_mod
@@ -88,3 +90,44 @@ def test_audit_write_failure_is_counted(tmp_path):
 def test_now_iso_format():
     t = now_iso()
     assert len(t) == 27 and t[10] == "T" and t.endswith("Z")
+
+
+def _chained(tmp_path, n=5):
+    from gateway.audit import AuditLog
+    path = tmp_path / "chain.jsonl"
+    log = AuditLog(path)
+    for i in range(n):
+        log.write({"event": "decision", "i": i})
+    log.close()
+    return path
+
+
+def test_hash_chain_verifies_and_continues_after_restart(tmp_path):
+    from gateway.audit import AuditLog, verify_chain
+    path = _chained(tmp_path, 3)
+    log = AuditLog(path)  # a restarted gateway continues the chain
+    log.write({"event": "decision", "i": 3})
+    log.close()
+    n, brk = verify_chain([path])
+    assert brk is None and n == 4
+    assert [json.loads(x)["seq"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("tamper,needle", [
+    ("edit", "changed, removed or moved"),
+    ("delete", "changed, removed or moved"),
+    ("reorder", "changed, removed or moved"),
+])
+def test_hash_chain_detects_tampering(tmp_path, tamper, needle):
+    from gateway.audit import verify_chain
+    path = _chained(tmp_path, 5)
+    lines = path.read_text().splitlines()
+    if tamper == "edit":
+        lines[1] = lines[1].replace('"i":1', '"i":7')
+    elif tamper == "delete":
+        del lines[2]
+    else:
+        lines[1], lines[2] = lines[2], lines[1]
+    path.write_text("\n".join(lines) + "\n")
+    n, brk = verify_chain([path])
+    assert brk is not None and needle in brk.reason and brk.line in (2, 3)
