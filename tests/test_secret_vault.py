@@ -48,6 +48,22 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def approle_backend(root, target, readable: str, token_ttl: str = "20m", token_max_ttl: str = "") -> VaultBackend:
+    """A VaultBackend logging in with a fresh AppRole whose policy can read secret/data/<readable>."""
+    try:
+        root.sys.enable_auth_method(method_type="approle", path="approle")
+    except hvac.exceptions.InvalidRequest:
+        pass  # already enabled
+    pol = f"egress-{uuid.uuid4().hex[:8]}"
+    root.sys.create_or_update_acl_policy(name=pol, policy=f'path "secret/data/{readable}" {{ capabilities = ["read"] }}')
+    role = f"gw-{uuid.uuid4().hex[:8]}"
+    root.auth.approle.create_or_update_approle(role_name=role, token_policies=[pol], token_ttl=token_ttl,
+                                               token_max_ttl=token_max_ttl or token_ttl)
+    role_id = root.auth.approle.read_role_id(role_name=role)["data"]["role_id"]
+    secret_id = root.auth.approle.generate_secret_id(role_name=role)["data"]["secret_id"]
+    return VaultBackend(VaultConfig(addr=target.addr, auth="approle", role_id=role_id, secret_id=secret_id))
+
+
 def test_kv_v2_latest_and_versions(vault, root):
     target, _ = vault
     path = f"egress-test/{uuid.uuid4().hex[:8]}/github"
@@ -68,17 +84,7 @@ def test_policy_denial_and_approle_login(vault, root):
     path = f"egress-test/{uuid.uuid4().hex[:8]}"
     put(root, f"{path}/allowed", {"k": "allowed-value"})
     put(root, f"{path}/other", {"k": "other-value"})
-    try:
-        root.sys.enable_auth_method(method_type="approle", path="approle")
-    except hvac.exceptions.InvalidRequest:
-        pass
-    pol = f"egress-{uuid.uuid4().hex[:8]}"
-    root.sys.create_or_update_acl_policy(name=pol, policy=f'path "secret/data/{path}/allowed" {{ capabilities = ["read"] }}')
-    role = f"gw-{uuid.uuid4().hex[:8]}"
-    root.auth.approle.create_or_update_approle(role_name=role, token_policies=[pol], token_ttl="20m")
-    role_id = root.auth.approle.read_role_id(role_name=role)["data"]["role_id"]
-    secret_id = root.auth.approle.generate_secret_id(role_name=role)["data"]["secret_id"]
-    b = VaultBackend(VaultConfig(addr=target.addr, auth="approle", role_id=role_id, secret_id=secret_id))
+    b = approle_backend(root, target, f"{path}/allowed")
     assert run(b.fetch(parse_ref(f"vault:secret/{path}/allowed#k"))).value == "allowed-value"
     with pytest.raises(SecretUnavailable, match="permission denied"):
         run(b.fetch(parse_ref(f"vault:secret/{path}/other#k")))
@@ -90,18 +96,7 @@ def test_expired_token_logs_in_again(vault, root):
     fake_only(vp)
     path = f"egress-test/{uuid.uuid4().hex[:8]}"
     put(root, path, {"k": "v"})
-    try:
-        root.sys.enable_auth_method(method_type="approle", path="approle")
-    except hvac.exceptions.InvalidRequest:
-        pass
-    pol = f"egress-{uuid.uuid4().hex[:8]}"
-    root.sys.create_or_update_acl_policy(name=pol, policy=f'path "secret/data/{path}" {{ capabilities = ["read"] }}')
-    role = f"gw-{uuid.uuid4().hex[:8]}"
-    root.auth.approle.create_or_update_approle(role_name=role, token_policies=[pol], token_ttl="2m",
-                                               token_max_ttl="2m")
-    role_id = root.auth.approle.read_role_id(role_name=role)["data"]["role_id"]
-    secret_id = root.auth.approle.generate_secret_id(role_name=role)["data"]["secret_id"]
-    b = VaultBackend(VaultConfig(addr=target.addr, auth="approle", role_id=role_id, secret_id=secret_id))
+    b = approle_backend(root, target, path, token_ttl="2m")
     ref = parse_ref(f"vault:secret/{path}#k")
     assert run(b.fetch(ref)).value == "v" and b.logins == 1
     vp.advance_clock(3600)  # the gateway's token has expired in Vault
@@ -238,20 +233,9 @@ def test_vault_over_tls_needs_its_ca(tmp_path):
 def test_token_is_renewed_before_it_expires(vault, root):
     target, vp = vault
     fake_only(vp)
-    try:
-        root.sys.enable_auth_method(method_type="approle", path="approle")
-    except hvac.exceptions.InvalidRequest:
-        pass
     path = f"egress-test/{uuid.uuid4().hex[:8]}"
     put(root, path, {"k": "v"})
-    pol = f"egress-{uuid.uuid4().hex[:8]}"
-    root.sys.create_or_update_acl_policy(name=pol, policy=f'path "secret/data/{path}" {{ capabilities = ["read"] }}')
-    role = f"gw-{uuid.uuid4().hex[:8]}"
-    root.auth.approle.create_or_update_approle(role_name=role, token_policies=[pol], token_ttl="20m",
-                                               token_max_ttl="2h")
-    role_id = root.auth.approle.read_role_id(role_name=role)["data"]["role_id"]
-    secret_id = root.auth.approle.generate_secret_id(role_name=role)["data"]["secret_id"]
-    b = VaultBackend(VaultConfig(addr=target.addr, auth="approle", role_id=role_id, secret_id=secret_id))
+    b = approle_backend(root, target, path, token_ttl="20m", token_max_ttl="2h")
     ref = parse_ref(f"vault:secret/{path}#k")
     run(b.fetch(ref))
     import time as _time
