@@ -117,6 +117,9 @@ class EgressGateway:
         if opts.ssl_insecure:
             raise exceptions.OptionsError("egress gateway: upstream TLS verification cannot be turned off "
                                           "(ssl_insecure); add a CA with egress_upstream_ca instead")
+        if getattr(opts, "save_stream_file", None):
+            raise exceptions.OptionsError("egress gateway: saving flows (-w / save_stream_file) would write "
+                                          "injected credentials and proxy tokens to disk; it is not allowed")
         if opts.connection_strategy != "lazy":
             # Dial only after the per-request decision, to the checked address.
             opts.update(connection_strategy="lazy")
@@ -213,11 +216,34 @@ class EgressGateway:
     def _deny(self, flow: http.HTTPFlow, code: str, reason: str, *, principal=None, request=None,
               identity_code: str = "", proxy_auth: bool = False, destination=None) -> None:
         d = deny_decision(code, reason, self.gw.policies.version)
+        self._respond(flow, d, proxy_auth=proxy_auth)  # first: the deny stands whatever happens next
         if request is None:
             request = _raw_request(flow)
-        self.gw.record(request_id=flow.id, principal=principal, request=request, decision=d,
-                       source=_peer(flow), identity_code=identity_code, destination=destination)
-        self._respond(flow, d, proxy_auth=proxy_auth)
+        try:
+            self.gw.record(request_id=flow.id, principal=principal, request=request, decision=d,
+                           source=_peer(flow), identity_code=identity_code, destination=destination)
+        except Exception:
+            log.exception("could not record a deny")
+            self.gw.metrics.audit_failures.inc()
+
+    def _internal_error(self, flow: http.HTTPFlow, what: str) -> None:
+        """Fail closed after an unexpected error; never raises."""
+        log.exception("%s failed", what)
+        try:
+            self._deny(flow, "internal_error", f"the gateway failed while checking this {what}")
+        except Exception:
+            _static_deny(flow)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """Backstop: a request that reached this point was either refused (it has
+        a response) or allowed and pinned (egress_host). Anything else, e.g. a hook
+        that failed in a way no handler caught, is refused here, never forwarded."""
+        if flow.response is None and "egress_host" not in flow.metadata:
+            log.error("request %s reached forwarding without a decision; refused", flow.id)
+            try:
+                self._deny(flow, "internal_error", "the request was not decided by the gateway")
+            except Exception:
+                _static_deny(flow)
 
     # -- explicit mode: CONNECT -----------------------------------------------------
 
@@ -227,8 +253,7 @@ class EgressGateway:
         try:
             await self._http_connect(flow)
         except Exception:
-            log.exception("CONNECT handling failed")
-            self._deny(flow, "internal_error", "the gateway failed while checking this CONNECT")
+            self._internal_error(flow, "CONNECT")
 
     async def _http_connect(self, flow: http.HTTPFlow) -> None:
         gw = self.gw
@@ -270,8 +295,7 @@ class EgressGateway:
         try:
             pending = self._requestheaders(flow)
         except Exception:
-            log.exception("request handling failed")
-            self._deny(flow, "internal_error", "the gateway failed while checking this request")
+            self._internal_error(flow, "request")
             return None
         if pending is None:
             return None
@@ -283,8 +307,7 @@ class EgressGateway:
         try:
             await pending
         except Exception:
-            log.exception("request handling failed")
-            self._deny(flow, "internal_error", "the gateway failed while checking this request")
+            self._internal_error(flow, "request")
 
     async def _finish_async(self, flow: http.HTTPFlow, pending) -> None:
         try:
@@ -293,8 +316,7 @@ class EgressGateway:
             if more is not None:
                 await more
         except Exception:
-            log.exception("request handling failed")
-            self._deny(flow, "internal_error", "the gateway failed while checking this request")
+            self._internal_error(flow, "request")
 
     def _requestheaders(self, flow: http.HTTPFlow):
         gw = self.gw
@@ -624,6 +646,14 @@ def _raw_request(flow) -> Request | None:
                        mode="transparent" if transparent else "explicit")
     except Exception:  # pragma: no cover - audit must not fail the deny
         return None
+
+
+def _static_deny(flow) -> None:
+    """The last resort when even building a deny failed: a fixed 500 refusal."""
+    flow.response = http.Response.make(
+        500, b'{"decision": "deny", "code": "internal_error", "reason": "the egress gateway failed while '
+             b'checking this request"}\n',
+        {"Content-Type": "application/json", "X-Egress-Decision": "deny"})
 
 
 def _unavailable(flow) -> None:

@@ -78,3 +78,19 @@ def test_addon_under_stock_mitmdump(tmp_path):
     finally:
         proc.stop()
         ups.stop()
+
+
+def test_mitmdump_refuses_to_save_flows_with_the_addon(tmp_path):
+    port = free_port()
+    proc = ManagedProcess([mitmdump(), "-q", "--listen-host", "127.0.0.1", "--listen-port", str(port),
+                           "-s", str(REPO_ROOT / "gateway" / "mitmdump_entry.py"),
+                           "--set", f"egress_state_dir={tmp_path / 'state'}", "--set", "egress_admin=off",
+                           "-w", str(tmp_path / "flows")], tmp_path, name="mitmdump-w", cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is not None, "mitmdump kept running with flow saving and the egress addon"
+        assert "saving flows" in proc.log_text()
+    finally:
+        proc.stop()
