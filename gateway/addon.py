@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import re
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ from gateway.secrets.inject import PLACEHOLDER_PREFIX, placeholders_in
 from gateway.secrets.scrub import StreamScrubber, scrub_bytes
 from gateway.secrets.scrub import variants as scrub_variants
 from gateway.secrets.store import SecretUnavailable
-from gateway.runtime import Gateway, deny_decision
+from gateway.runtime import STATUS, Gateway, deny_decision
 
 log = logging.getLogger("egress.addon")
 
@@ -110,7 +111,7 @@ class EgressGateway:
         loader.add_option("egress_admin", str, "", "Admin API HOST:PORT (default 127.0.0.1:8081; 'off' disables).")
         loader.add_option("egress_hosts", Sequence[str], [], "Static host overrides NAME=ADDRESS.")
         loader.add_option("egress_upstream_ca", Sequence[str], [], "Extra CA files trusted for upstream TLS.")
-        loader.add_option("egress_audit", str, "", "Audit file (default <state dir>/audit.jsonl).")
+        loader.add_option("egress_audit", str, "", "Audit spool directory (default <state dir>/audit).")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -221,7 +222,8 @@ class EgressGateway:
             request = _raw_request(flow)
         try:
             self.gw.record(request_id=flow.id, principal=principal, request=request, decision=d,
-                           source=_peer(flow), identity_code=identity_code, destination=destination)
+                           source=_peer(flow), identity_code=identity_code, destination=destination,
+                           status=flow.response.status_code)
         except Exception:
             log.exception("could not record a deny")
             self.gw.metrics.audit_failures.inc()
@@ -515,7 +517,8 @@ class EgressGateway:
         gw = self.gw
         host, port = request.host, request.port
         gw.record(request_id=flow.id, principal=principal, request=request, decision=decision,
-                  source=_peer(flow), destination=destination, decision_seconds=seconds, secrets=secrets)
+                  source=_peer(flow), destination=destination, decision_seconds=seconds, secrets=secrets,
+                  status=0 if decision.allowed else STATUS.get(decision.code, 403))
         if not decision.allowed:
             self._respond(flow, decision)
             return
@@ -535,6 +538,7 @@ class EgressGateway:
         state.pins[key] = host
         flow.request.data.host = decision.dial
         flow.metadata["egress_host"] = host
+        flow.metadata["egress_principal"] = principal
 
     # -- reflection scrubbing ----------------------------------------------------------
 
@@ -543,9 +547,47 @@ class EgressGateway:
                              "occurrences": hits, "host": flow.metadata.get("egress_host", "")})
         self.gw.metrics.reflections.labels(where).inc(hits)
 
+    # -- completion: status, bytes, timings of allowed requests ----------------------------
+
+    def _complete(self, flow, error: str = "") -> None:
+        md = flow.metadata
+        if "egress_host" not in md or md.get("egress_done"):
+            return
+        md["egress_done"] = True
+        try:
+            req, resp = flow.request, flow.response
+            sent = len(req.raw_content) if req.raw_content is not None else _length(req.headers)
+            status = received = 0
+            upstream = total = None
+            end = time.time()
+            if resp is not None and not error:
+                status = resp.status_code
+                if resp.raw_content is not None:
+                    received = len(resp.raw_content)
+                else:
+                    received = getattr(resp.stream, "bytes", None)
+                    if received is None:
+                        received = _length(resp.headers)
+                if resp.timestamp_start and req.timestamp_end:
+                    upstream = max(0.0, resp.timestamp_start - req.timestamp_end)
+                end = resp.timestamp_end or end
+            total = max(0.0, end - req.timestamp_start) if req.timestamp_start else None
+            self.gw.record_completion(request_id=flow.id, principal=md.get("egress_principal"), status=status,
+                                      bytes_sent=sent, bytes_received=received, upstream_seconds=upstream,
+                                      total_seconds=total, error=error)
+        except Exception:
+            log.exception("could not record the completion of %s", flow.id)
+            self.gw.metrics.audit_failures.inc()
+
+    def error(self, flow) -> None:
+        if isinstance(flow, http.HTTPFlow) and flow.error is not None:
+            self._complete(flow, error=flow.error.msg or "error")
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         needles = flow.metadata.get("egress_scrub")
         if not needles or flow.response is None:
+            if flow.response is not None and flow.response.stream is True:
+                flow.response.stream = _ByteCounter()  # a streamed body: count it for the audit
             return
         resp = flow.response
         fields, hits = [], 0
@@ -573,14 +615,14 @@ class EgressGateway:
             resp.stream = StreamScrubber(needles, on_hit=lambda n: self._scrubbed(flow, "body", n))
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if not flow.metadata.get("egress_scrub_buffered") or flow.response is None:
-            return
-        raw = flow.response.raw_content
-        if raw:
-            content, hits = scrub_bytes(raw, flow.metadata["egress_scrub"])
-            if hits:
-                flow.response.raw_content = content
-                self._scrubbed(flow, "body", hits)
+        if flow.metadata.get("egress_scrub_buffered") and flow.response is not None:
+            raw = flow.response.raw_content
+            if raw:
+                content, hits = scrub_bytes(raw, flow.metadata["egress_scrub"])
+                if hits:
+                    flow.response.raw_content = content
+                    self._scrubbed(flow, "body", hits)
+        self._complete(flow)
 
     def websocket_message(self, flow) -> None:
         needles = flow.metadata.get("egress_scrub")
@@ -646,6 +688,24 @@ def _raw_request(flow) -> Request | None:
                        mode="transparent" if transparent else "explicit")
     except Exception:  # pragma: no cover - audit must not fail the deny
         return None
+
+
+class _ByteCounter:
+    """``response.stream`` for a streamed body nobody else transforms: passes it through, counting."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self):
+        self.bytes = 0
+
+    def __call__(self, data: bytes):
+        self.bytes += len(data)
+        return data if data else []  # an empty chunk would end a chunked HTTP/1 body early
+
+
+def _length(headers) -> int:
+    v = headers.get("content-length", "")
+    return int(v) if v.isdigit() else 0
 
 
 def _static_deny(flow) -> None:

@@ -83,7 +83,7 @@ def cmd_gateway_run(args) -> int:
     specs = ", ".join(f"{s.kind} on {s.host}:{s.port}" for s in cfg.mode_specs())
     print(f"egress gateway: {specs}; policies {cfg.policies} ({len(ps.policies)} policies, "
           f"{ps.rule_count} rules, version {ps.version})", file=sys.stderr)
-    print(f"  state dir {Path(cfg.state_dir).resolve()}  audit {cfg.audit_path}  "
+    print(f"  state dir {Path(cfg.state_dir).resolve()}  audit {cfg.audit_dir} ({len(cfg.audit.sinks)} sink(s))  "
           f"admin {('http://' + cfg.admin) if cfg.admin else 'off'}", file=sys.stderr)
     print(f"  clients trust the gateway CA: {Path(cfg.state_dir).resolve() / 'ca' / 'mitmproxy-ca-cert.pem'} "
           f"(created on first start)", file=sys.stderr)
@@ -280,32 +280,141 @@ def cmd_secret_check(args) -> int:
 
 # -- audit ----------------------------------------------------------------------------------------
 
+def _audit_files(args) -> list[Path]:
+    """Explicit files, else the spool's segments (``--dir``, else <state dir>/audit)."""
+    from gateway.audit.query import default_files
+    if getattr(args, "files", None):
+        for f in args.files:
+            if not Path(f).is_file():
+                raise CliError(f"cannot read {f}: no such file", 1)
+        return [Path(f) for f in args.files]
+    d = Path(args.dir) if getattr(args, "dir", None) else Path(args.state_dir) / "audit"
+    files = default_files(d)
+    if not files:
+        raise CliError(f"no audit spool segments in {d} (give --dir, --state-dir or files)", 1)
+    return files
+
+
+def _audit_filter(args):
+    from gateway.audit.query import Filter, parse_time
+    try:
+        since = parse_time(args.since) if getattr(args, "since", None) else None
+        until = parse_time(args.until) if getattr(args, "until", None) else None
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    return Filter(tenant=getattr(args, "tenant", None), agent=getattr(args, "agent", None),
+                  decision=getattr(args, "decision", None), event=getattr(args, "event", None),
+                  request_id=getattr(args, "request_id", None), host=getattr(args, "host", None),
+                  since=since, until=until)
+
+
+def _print_event(ev: dict, raw: bytes, fmt: str) -> None:
+    from gateway.audit.formats import convert
+    if fmt == "json":
+        sys.stdout.write(raw.decode("utf-8", "replace") + "\n")
+    else:
+        sys.stdout.write(json.dumps(convert(ev, fmt), separators=(",", ":")) + "\n")
+
+
 def cmd_audit_export(args) -> int:
-    from gateway.audit_formats import convert
-    files = args.files or [str(Path(args.state_dir) / "audit.jsonl")]
-    bad = 0
-    for f in files:
+    from gateway.audit.query import iter_events
+    problems: list[str] = []
+    flt = _audit_filter(args)
+    try:
+        for ev, raw in iter_events(_audit_files(args), problems):
+            if flt.match(ev):
+                _print_event(ev, raw, args.format)
+    except OSError as e:
+        raise CliError(f"cannot read {e.filename}: {e.strerror}", 1) from None
+    for p in problems:
+        print(p, file=sys.stderr)
+    return 1 if problems else 0
+
+
+def cmd_audit_query(args) -> int:
+    from gateway.audit.query import iter_events
+    flt = _audit_filter(args)
+    problems: list[str] = []
+    n = 0
+    counts: dict[tuple, int] = {}
+    try:
+        for ev, raw in iter_events(_audit_files(args), problems):
+            if not flt.match(ev):
+                continue
+            n += 1
+            if args.count:
+                p = ev.get("principal") or {}
+                key = (ev.get("event", ""), ev.get("decision", ""), p.get("tenant", ""), p.get("agent", ""))
+                counts[key] = counts.get(key, 0) + 1
+                continue
+            _print_event(ev, raw, args.format)
+            if args.limit and n >= args.limit:
+                break
+    except OSError as e:
+        raise CliError(f"cannot read {e.filename}: {e.strerror}", 1) from None
+    except BrokenPipeError:
+        return 0
+    if args.count:
+        print(f"{'COUNT':>8}  {'EVENT':<20} {'DECISION':<9} {'TENANT':<20} AGENT")
+        for (event, dec, tenant, agent), c in sorted(counts.items(), key=lambda kv: -kv[1]):
+            print(f"{c:>8}  {event:<20} {dec or '-':<9} {tenant or '-':<20} {agent or '-'}")
+    for p in problems:
+        print(p, file=sys.stderr)
+    print(f"{n} matching event(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_audit_tail(args) -> int:
+    import time as _time
+
+    from gateway.audit.query import tail_raw
+    flt = _audit_filter(args)
+    files = _audit_files(args)
+
+    def show(raw: bytes) -> None:
         try:
-            fh = open(f, encoding="utf-8")
-        except OSError as e:
-            raise CliError(f"cannot read {f}: {e.strerror}", 1) from None
-        with fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    ev = json.loads(line)
-                except ValueError:
-                    bad += 1
-                    print(f"{f}:{n}: not a JSON event, skipped", file=sys.stderr)
-                    continue
-                print(json.dumps(convert(ev, args.format), separators=(",", ":")))
-    return 1 if bad else 0
+            ev = json.loads(raw)
+        except ValueError:
+            return
+        if flt.match(ev):
+            _print_event(ev, raw, args.format)
+
+    try:
+        for raw in tail_raw(files, args.lines):
+            show(raw)
+        sys.stdout.flush()
+        if not args.follow:
+            return 0
+        # follow the spool: the newest segment, and the next ones as they appear
+        from gateway.audit.spool import segment_files
+        d = files[-1].parent
+        cur, pos = files[-1], files[-1].stat().st_size
+        buf = b""
+        while True:
+            with open(cur, "rb") as fh:
+                fh.seek(pos)
+                data = fh.read()
+            pos += len(data)
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                if raw:
+                    show(raw)
+            sys.stdout.flush()
+            newer = [f for f in segment_files(d) if f.name > cur.name]
+            if newer and not data:
+                cur, pos, buf = newer[0], 0, b""
+                continue
+            _time.sleep(0.25)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        return 0
 
 
 def cmd_audit_verify(args) -> int:
     from gateway.audit import verify_chain
-    files = args.files or [str(Path(args.state_dir) / "audit.jsonl")]
+    files = _audit_files(args)
     try:
         n, brk = verify_chain(files)
     except OSError as e:
@@ -313,7 +422,35 @@ def cmd_audit_verify(args) -> int:
     if brk is not None:
         print(f"BROKEN after {n} good event(s): {brk}")
         return 1
-    print(f"ok: {n} event(s), hash chain intact")
+    print(f"ok: {n} event(s) in {len(files)} file(s), hash chain intact")
+    return 0
+
+
+def cmd_audit_status(args) -> int:
+    """The spool and each sink's delivery position, read from the files (works with the gateway stopped)."""
+    from gateway.audit.spool import Position, Segment, SEGMENT_RE, _backlog, segment_files
+    d = Path(args.dir) if args.dir else Path(args.state_dir) / "audit"
+    files = segment_files(d)
+    if not files:
+        raise CliError(f"no audit spool in {d}", 1)
+    segs = [Segment(int(SEGMENT_RE.match(f.name).group(1)), f, f.stat().st_size) for f in files]
+    total = sum(s.size for s in segs)
+    print(f"spool {d}: {len(segs)} segment(s), {total / 1048576:.1f} MiB, events from seq {segs[0].first}")
+    acks = sorted((d / "acks").glob("*.json"))
+    if not acks:
+        print("no sinks have delivered from this spool")
+    for a in acks:
+        try:
+            j = json.loads(a.read_text())
+            pos = Position(int(j["segment"]), int(j["offset"]), int(j.get("seq", 0)))
+        except (ValueError, KeyError, OSError):
+            print(f"  {a.stem}: acknowledgement file unreadable")
+            continue
+        print(f"  {a.stem}: delivered through seq {pos.seq}, backlog {_backlog(segs, pos) / 1048576:.2f} MiB")
+    dl = sorted((d / "deadletter").glob("*.jsonl")) if (d / "deadletter").is_dir() else []
+    for f in dl:
+        n = sum(1 for line in open(f, "rb") if line.strip())
+        print(f"  dead letters {f.name}: {n} event(s) a receiver refused")
     return 0
 
 
@@ -440,7 +577,7 @@ an invalid set is rejected and the last good one stays in force.""")
                      help="static host override (repeatable), e.g. billing.internal=10.20.0.5")
     run.add_argument("--upstream-ca", action="append", default=[], metavar="FILE",
                      help="extra CA trusted for upstream TLS, added to the system bundle (repeatable)")
-    run.add_argument("--audit", help="audit file (default <state dir>/audit.jsonl)")
+    run.add_argument("--audit", metavar="DIR", help="audit spool directory (default <state dir>/audit)")
     run.add_argument("--engine", choices=("rust", "python"), help="CEL engine (default rust)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=cmd_gateway_run)
@@ -518,20 +655,74 @@ an invalid set is rejected and the last good one stays in force.""")
     sr.set_defaults(func=cmd_secret_rm)
 
     # audit
-    au = sub.add_parser("audit", help="audit events").add_subparsers(dest="cmd", metavar="{export,verify}")
+    au = sub.add_parser("audit", help="audit events: tail, query, export, verify, status").add_subparsers(
+        dest="cmd", metavar="{tail,query,export,verify,status}")
     au.required = True
+
+    def source(sp, files=True):
+        if files:
+            sp.add_argument("files", nargs="*", help="audit files in order, plain or .gz (default: the spool's "
+                                                      "segments)")
+        sp.add_argument("--dir", help="audit spool directory (default <state dir>/audit)")
+        state(sp)
+
+    def filters(sp):
+        g = sp.add_argument_group("filters (all must match)")
+        g.add_argument("--tenant")
+        g.add_argument("--agent")
+        g.add_argument("--decision", choices=("allow", "deny"))
+        g.add_argument("--event", help="event type: decision, request_completed, policy_reload, sink_failure, ...")
+        g.add_argument("--request-id")
+        g.add_argument("--host", help="destination host")
+        g.add_argument("--since", help="time: 2026-12-01T10:00:00Z, 2026-12-01, or relative 15m, 2h, 7d (ago)")
+        g.add_argument("--until", help="time, same forms as --since")
+
+    def fmt_arg(sp):
+        sp.add_argument("--format", choices=("json", "ocsf", "ecs"), default="json",
+                        help="json: the events as spooled (chain fields intact); ocsf: HTTP Activity (4002); ecs")
+
+    ta = au.add_parser("tail", formatter_class=fmt, help="show the latest events; -f follows the spool",
+                       epilog="""examples:
+  egress audit tail                        # the last 10 events
+  egress audit tail -f --decision deny     # follow denies as they happen""")
+    ta.add_argument("-n", "--lines", type=int, default=10, help="how many recent events (default 10)")
+    ta.add_argument("-f", "--follow", action="store_true", help="keep printing new events (Ctrl-C stops)")
+    fmt_arg(ta)
+    filters(ta)
+    source(ta, files=False)
+    ta.set_defaults(func=cmd_audit_tail, files=None)
+    q = au.add_parser("query", formatter_class=fmt, help="find events by tenant, agent, decision, time range",
+                      epilog="""examples:
+  egress audit query --tenant acme --decision deny --since 1h
+  egress audit query --agent build-bot --since 2026-12-01 --until 2026-12-02 --format ocsf
+  egress audit query --since 1d --count                 # counts by event, decision, tenant, agent
+  egress audit query --request-id 3f2a...               # a request's decision and completion""")
+    filters(q)
+    fmt_arg(q)
+    q.add_argument("--count", action="store_true", help="print counts instead of events")
+    q.add_argument("--limit", type=int, default=0, help="stop after this many events")
+    source(q)
+    q.set_defaults(func=cmd_audit_query)
     ex = au.add_parser("export", formatter_class=fmt, help="print audit events as JSON, OCSF or ECS (one per line)",
                        epilog="""examples:
-  egress audit export --format ocsf                     # <state dir>/audit.jsonl as OCSF HTTP Activity (4002)
-  egress audit export --format ecs /var/lib/egress/audit.jsonl > ecs.ndjson""")
-    ex.add_argument("files", nargs="*", help="audit files (default: <state dir>/audit.jsonl)")
-    ex.add_argument("--format", choices=("json", "ocsf", "ecs"), default="json")
-    state(ex)
+  egress audit export --format ocsf                      # the spool as OCSF HTTP Activity (4002)
+  egress audit export --format ecs --since 1d > ecs.ndjson
+  egress audit export --format ocsf /var/log/egress/audit-*.jsonl.gz""")
+    fmt_arg(ex)
+    filters(ex)
+    source(ex)
     ex.set_defaults(func=cmd_audit_export)
-    ve = au.add_parser("verify", help="check the audit files' hash chain; report the first break")
-    ve.add_argument("files", nargs="*", help="audit files in order (default: <state dir>/audit.jsonl)")
-    state(ve)
+    ve = au.add_parser("verify", formatter_class=fmt,
+                       help="check the hash chain of audit files; report the first break",
+                       epilog="""examples:
+  egress audit verify                                   # the spool's segments
+  egress audit verify $(ls /var/log/egress/audit-*.jsonl.gz) /var/log/egress/audit.jsonl""")
+    source(ve)
     ve.set_defaults(func=cmd_audit_verify)
+    st = au.add_parser("status", help="spool size and each sink's delivery position and backlog")
+    st.add_argument("--dir", help="audit spool directory (default <state dir>/audit)")
+    state(st)
+    st.set_defaults(func=cmd_audit_status)
 
     # policy
     pol = sub.add_parser("policy", help="check policies and explain decisions").add_subparsers(

@@ -68,15 +68,16 @@ class GatewayConfig:
     admin: str = "127.0.0.1:8081"
     hosts: dict[str, tuple[str, ...]] = field(default_factory=dict)
     upstream_ca: tuple[str, ...] = ()
-    audit: str = ""  # default: <state_dir>/audit.jsonl
+    audit: "AuditConfig" = field(default_factory=lambda: _audit_default())  # gateway.audit.config
     reload_interval: float = 2.0  # seconds between policy directory checks; 0 = off
     engine: str = "rust"  # rust | python
     self_addresses: tuple[str, ...] = ()  # the gateway's own addresses (never reachable)
     vault: dict = field(default_factory=dict)  # gateway.secrets.vault.VaultConfig settings (file only)
 
     @property
-    def audit_path(self) -> Path:
-        return Path(self.audit) if self.audit else Path(self.state_dir) / "audit.jsonl"
+    def audit_dir(self) -> Path:
+        """The audit spool directory (default <state dir>/audit)."""
+        return self.audit.spool_dir(self.state_dir)
 
     def mode_specs(self) -> list[ModeSpec]:
         """``explicit`` listens on ``listen``; ``transparent`` on ``listen``'s host
@@ -120,6 +121,11 @@ class GatewayConfig:
         if self.reload_interval < 0:
             raise ConfigError("reload_interval: must be >= 0")
         return self
+
+
+def _audit_default():
+    from gateway.audit.config import AuditConfig
+    return AuditConfig()
 
 
 def parse_host_overrides(items: list[str] | tuple[str, ...]) -> dict[str, tuple[str, ...]]:
@@ -175,6 +181,12 @@ def load_config(path: str | Path | None, **overrides: Any) -> GatewayConfig:
                 if "kv_v1_mounts" in v:
                     v = dict(v, kv_v1_mounts=_as_tuple(v["kv_v1_mounts"], "vault.kv_v1_mounts"))
                 values[k] = v
+            elif k == "audit":
+                from gateway.audit.config import AuditConfig
+                try:
+                    values[k] = AuditConfig.from_dict(v, base=p.parent)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
             elif k == "reload_interval":
                 if not isinstance(v, (int, float)) or isinstance(v, bool):
                     raise ConfigError("reload_interval: expected a number of seconds")
@@ -184,7 +196,7 @@ def load_config(path: str | Path | None, **overrides: Any) -> GatewayConfig:
                     raise ConfigError(f"{k}: expected a string")
                 values[k] = v
         # relative paths in a file are relative to the file
-        for k in ("policies", "state_dir", "audit"):
+        for k in ("policies", "state_dir"):
             if values.get(k) and not os.path.isabs(values[k]):
                 values[k] = str((p.parent / values[k]).resolve())
         if "upstream_ca" in values:
@@ -192,6 +204,9 @@ def load_config(path: str | Path | None, **overrides: Any) -> GatewayConfig:
                                           for c in values["upstream_ca"])
         cfg = replace(cfg, **values)
     extra_hosts = overrides.pop("extra_hosts", None)
+    audit_dir = overrides.pop("audit", None)
+    if audit_dir:
+        cfg = replace(cfg, audit=replace(cfg.audit, dir=str(audit_dir)))
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     if extra_hosts:
         merged = dict(cfg.hosts)

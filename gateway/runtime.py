@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway import celexpr
-from gateway.audit import AuditLog, now_iso
+from gateway.audit.config import build_sinks
+from gateway.audit.shipper import Shipper
+from gateway.audit.spool import NullSpool, Spool, now_iso
 from gateway.config import GatewayConfig
 from gateway.identity import IdentityResult, IdentityService
 from gateway.metrics import Metrics
@@ -53,7 +55,9 @@ STATUS = {
     "secret_unavailable": 503,
     "secret_not_granted": 403,
     "plaintext_injection": 403,
+    "audit_unavailable": 503,
 }
+CODE_AUDIT = "audit_unavailable"
 
 
 _esc = json.encoder.encode_basestring_ascii  # a JSON string literal, quotes included (C implementation)
@@ -76,13 +80,29 @@ class Gateway:
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.metrics = Metrics()
-        self.audit = AuditLog(config.audit_path)
+        acfg = config.audit
+        if acfg.enabled:
+            self.audit = Spool(config.audit_dir, segment_bytes=acfg.segment_bytes, max_bytes=acfg.max_bytes,
+                               on_full=acfg.on_full, fsync=acfg.fsync, fsync_interval=acfg.fsync_interval,
+                               retain_bytes=acfg.retain_bytes, retain_age=acfg.retain_age)
+        else:
+            log.warning("AUDIT IS OFF (audit.enabled: false): decisions are not recorded")
+            self.audit = NullSpool()
         self.audit.on_failure = self.metrics.audit_failures.inc
+        self._query_mode = acfg.query_string
         self.engine = celexpr.make_engine(config.engine)
         self.identity = IdentityService(self.state_dir)
         self.resolver = Resolver(config.hosts, self_addresses=config.self_addresses)
         self.secrets = build_secret_resolver(config)
         self.metrics.secret_stats = self.secrets.stats
+        try:
+            sinks = build_sinks(acfg, self._resolve_now) if acfg.enabled else []
+        except Exception:
+            self.audit.close()
+            raise
+        self.shipper = Shipper(self.audit, sinks).start()
+        self.metrics.audit = (self.audit, self.shipper)
+        self.metrics.identity = self.identity
         vault = self.secrets.backends.get("vault")
         if vault is not None:
             self.metrics.lease_count = lambda: len(vault.leases)
@@ -95,6 +115,16 @@ class Gateway:
         self._decision_frags: dict[int, tuple[Decision, str]] = {}
         self._request_frags: dict[tuple, tuple[str, str]] = {}
         self._secret_frags: dict[tuple, str] = {}
+
+    def _resolve_now(self, ref: str) -> str:
+        """Resolve a secret reference at start-up (sink credentials), off any running loop."""
+        import asyncio
+        import concurrent.futures
+
+        from gateway.secrets.refs import parse_ref
+        r = parse_ref(ref)
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            return ex.submit(asyncio.run, self.secrets.resolve(r, owner="_audit")).result(timeout=30)
 
     @staticmethod
     def _own_endpoints(config: GatewayConfig) -> tuple[frozenset[int], frozenset]:
@@ -192,6 +222,9 @@ class Gateway:
         except Exception:  # pragma: no cover - the engine is not supposed to raise
             log.exception("policy decision failed")
             d = deny_decision(CODE_INTERNAL_ERROR, "the gateway could not evaluate its policies", ps.version)
+        if d.action == ALLOW and not self.audit.accepting:
+            # fail closed: nothing goes out that cannot be audited
+            d = deny_decision(CODE_AUDIT, self.audit.refusal_reason(), d.policy_version)
         dt = time.perf_counter() - t0
         self.metrics.observe_decision(dt)
         return d, dt
@@ -201,7 +234,7 @@ class Gateway:
         if frag is None:
             frag = json.dumps({"tenant": principal.tenant, "agent": principal.agent, "session": principal.session,
                                "labels": dict(principal.labels), "token_id": principal.token_id,
-                               "via": principal.source}, separators=(",", ":"))
+                               "via": principal.source, **_sandbox(principal)}, separators=(",", ":"))
             if len(self._principal_frags) >= 10_000:
                 self._principal_frags.clear()
             self._principal_frags[principal] = frag
@@ -258,18 +291,27 @@ class Gateway:
 
     def record(self, *, request_id: str, principal: Principal | None, request: Request | None,
                decision: Decision, source: str = "", destination: Destination | None = None,
-               decision_seconds: float = 0.0, identity_code: str = "", secrets: tuple[str, ...] = ()) -> None:
+               decision_seconds: float = 0.0, identity_code: str = "", secrets: tuple[str, ...] = (),
+               status: int = 0) -> None:
         """Count and audit one decision (allow or deny): one JSON line, composed
         from fragments serialised once per principal, destination, decision and
         request shape (this is on the per-request path). No query string and no
         header values: they often carry secrets."""
-        self.metrics.count(principal.tenant if principal else None, decision.action, decision.code)
+        if principal is not None:
+            self.metrics.count(principal.tenant, decision.action, decision.code, principal.agent, decision.rule)
+        else:
+            self.metrics.count(None, decision.action, decision.code, None, decision.rule)
         parts = ['{"ts":"', now_iso(), '","event":"decision","request_id":', _esc(request_id), ",",
                  self._decision_json(decision), '"source":', _esc(source)]
         if identity_code:
             parts += [',"identity_error":', _esc(identity_code)]
+        if status:
+            parts += [',"status":', str(status)]
         if request is not None:
             pre, post = self._request_json(request)
+            if request.query and self._query_mode != "drop":
+                post = ',"query":' + _esc(request.query if self._query_mode == "keep"
+                                          else redact_query(request.query)) + post
             parts += [",", pre, _esc(request.path), post]
         if destination is not None and destination.addresses:
             parts += [',"destination":', self._destination_json(destination)]
@@ -289,6 +331,28 @@ class Gateway:
         # allow's is flushed at the end of this loop iteration, before any
         # upstream I/O. Failures are counted by the audit log.
         self.audit.write_line("".join(parts), flush=decision.action != "allow")
+
+    def record_completion(self, *, request_id: str, principal: Principal | None, status: int,
+                          bytes_sent: int, bytes_received: int, upstream_seconds: float | None,
+                          total_seconds: float | None, error: str = "") -> None:
+        """The end of an allowed request (its decision event was written before it
+        went upstream): status, body bytes each way and timings."""
+        tenant = principal.tenant if principal else None
+        self.metrics.observe_completion(tenant, status, bytes_sent, bytes_received, upstream_seconds,
+                                        total_seconds)
+        parts = ['{"ts":"', now_iso(), '","event":"request_completed","request_id":', _esc(request_id),
+                 ',"status":', str(int(status)), ',"bytes_sent":', str(int(bytes_sent)),
+                 ',"bytes_received":', str(int(bytes_received))]
+        if upstream_seconds is not None:
+            parts += [',"upstream_ms":', str(round(upstream_seconds * 1e3, 3))]
+        if total_seconds is not None:
+            parts += [',"total_ms":', str(round(total_seconds * 1e3, 3))]
+        if error:
+            parts += [',"error":', _esc(error[:300])]
+        if principal is not None:
+            parts += [',"principal":', self._principal_json(principal)]
+        parts.append("}")
+        self.audit.write_line("".join(parts))
 
     def deny_response(self, decision: Decision, request_id: str, *, status: int | None = None,
                       proxy_auth: bool = False) -> DenyResponse:
@@ -320,6 +384,8 @@ class Gateway:
         return True, f"canary denied ({d.code})"
 
     def close(self) -> None:
+        self.audit.flush()
+        self.shipper.stop(drain=2.0)
         self.audit.close()
 
 
@@ -337,6 +403,23 @@ def build_secret_resolver(config: GatewayConfig):
         vb = VaultBackend(VaultConfig.from_env(**dict(config.vault)))
         backends["vault"] = backends["vault-dynamic"] = vb
     return SecretResolver(backends)
+
+
+def _sandbox(principal: Principal) -> dict:
+    """The sandbox id, when the identity carries one (label ``sandbox``, set by sandboxd)."""
+    for k, v in principal.labels:
+        if k == "sandbox":
+            return {"sandbox_id": v}
+    return {}
+
+
+def redact_query(query: str) -> str:
+    """``a=1&token=xyz&flag`` -> ``a=REDACTED&token=REDACTED&flag``: names stay, values go."""
+    out = []
+    for part in query.split("&"):
+        name, eq, _ = part.partition("=")
+        out.append(name[:128] + ("=REDACTED" if eq else ""))
+    return "&".join(out)[:2048]
 
 
 def new_request_id() -> str:

@@ -27,7 +27,7 @@ def _scanned_files(base):
             continue
         if p.name.endswith(".log") and p.name not in _TEST_DOUBLE_LOGS:
             yield p
-        elif p.name == "audit.jsonl" or p.name.startswith("metrics-snapshot"):
+        elif p.name.endswith((".jsonl", ".jsonl.gz")) or p.name.startswith("metrics-snapshot"):
             yield p
 
 
@@ -46,6 +46,9 @@ def pytest_sessionfinish(session, exitstatus):
     for path in _scanned_files(base):
         scanned += 1
         data = path.read_bytes()
+        if path.name.endswith(".gz"):
+            import gzip
+            data = gzip.decompress(data)
         for value in _SECRETS:
             if value.encode() in data:
                 leaks.append(f"{path}: contains a registered secret ({value[:4]}...)")

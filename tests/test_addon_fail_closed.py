@@ -63,7 +63,8 @@ def test_error_in_decision_denies_with_an_audit_event(addon, monkeypatch):
     f = flow_for(addon)
     addon.requestheaders(f)
     assert f.response.status_code == 500 and json.loads(f.response.content)["code"] == "internal_error"
-    events = [json.loads(x) for x in (addon.gw.config.audit_path).read_text().splitlines()]
+    from tests.support.gateway import audit_text
+    events = [json.loads(x) for x in audit_text(addon.gw.config.state_dir).splitlines()]
     assert events[-1]["code"] == "internal_error" and events[-1]["decision"] == "deny"
 
 

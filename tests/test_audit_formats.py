@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.audit_formats import convert, to_ecs, to_ocsf
+from gateway.audit.formats import convert, to_ecs, to_ocsf
 
 EVENT = {
     "ts": "2026-11-24T01:02:03.456789Z", "event": "decision", "request_id": "req-1", "decision": "deny",

@@ -178,6 +178,7 @@ def test_audit_export_formats(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines()]
     assert lines[0]["class_uid"] == 4002 and lines[1]["event"] == "policy_reload"
+    _spool(tmp_path, [dict(EVENT)])
     r = egress("audit", "export", "--format", "ecs", "--state-dir", tmp_path)
     assert r.returncode == 0 and json.loads(r.stdout.splitlines()[0])["ecs"]["version"]
     f.write_text("not json\n")
@@ -185,15 +186,53 @@ def test_audit_export_formats(tmp_path):
     assert r.returncode == 1 and "not a JSON event" in r.stderr
 
 
+def _spool(state, evs):
+    from gateway.audit.spool import Spool
+    sp = Spool(state / "audit", keeper=False)
+    for e in evs:
+        sp.write(e)
+    sp.close()
+    from gateway.audit.spool import segment_files
+    return segment_files(state / "audit")
+
+
 def test_audit_verify_command(tmp_path):
-    from gateway.audit import AuditLog
-    log = AuditLog(tmp_path / "audit.jsonl")
-    for i in range(3):
-        log.write({"event": "decision", "i": i})
-    log.close()
+    files = _spool(tmp_path, [{"event": "decision", "i": i} for i in range(3)])
     r = egress("audit", "verify", "--state-dir", tmp_path)
-    assert r.returncode == 0 and "3 event(s), hash chain intact" in r.stdout
-    p = tmp_path / "audit.jsonl"
+    assert r.returncode == 0 and "3 event(s) in 1 file(s), hash chain intact" in r.stdout
+    p = files[0]
     p.write_text(p.read_text().replace('"i":0', '"i":9'))
     r = egress("audit", "verify", p)
     assert r.returncode == 1 and "BROKEN after 1 good event(s)" in r.stdout and ":2:" in r.stdout
+    r = egress("audit", "verify", "--state-dir", tmp_path / "nowhere")
+    assert r.returncode == 1 and "no audit spool segments" in r.stderr
+
+
+def _decision(tenant, agent, decision, ts):
+    return {"event": "decision", "decision": decision, "ts": ts, "request_id": f"{tenant}-{agent}-{ts}",
+            "principal": {"tenant": tenant, "agent": agent}, "request": {"host": "h.test"}}
+
+
+def test_audit_query_tail_and_status(tmp_path):
+    _spool(tmp_path, [_decision("acme", "a1", "allow", "2026-12-01T10:00:00.000000Z"),
+                      _decision("acme", "a2", "deny", "2026-12-01T11:00:00.000000Z"),
+                      _decision("beta", "a1", "deny", "2026-12-01T12:00:00.000000Z"),
+                      {"event": "policy_reload", "ts": "2026-12-01T12:30:00.000000Z"}])
+    r = egress("audit", "query", "--state-dir", tmp_path, "--tenant", "acme", "--decision", "deny")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["principal"]["agent"] for x in r.stdout.splitlines()] == ["a2"]
+    r = egress("audit", "query", "--state-dir", tmp_path, "--since", "2026-12-01T10:30:00Z",
+               "--until", "2026-12-01T12:10:00Z")
+    assert [json.loads(x)["principal"]["tenant"] for x in r.stdout.splitlines()] == ["acme", "beta"]
+    r = egress("audit", "query", "--state-dir", tmp_path, "--agent", "a1", "--format", "ocsf")
+    assert [json.loads(x)["class_uid"] for x in r.stdout.splitlines()] == [4002, 4002]
+    r = egress("audit", "query", "--state-dir", tmp_path, "--count")
+    assert r.returncode == 0 and "1 matching" not in r.stderr and "4 matching event(s)" in r.stderr
+    assert "deny" in r.stdout and "beta" in r.stdout
+    r = egress("audit", "query", "--state-dir", tmp_path, "--since", "yesterday-ish")
+    assert r.returncode != 0 and "not a time" in r.stderr
+    r = egress("audit", "tail", "-n", "2", "--state-dir", tmp_path)
+    assert [json.loads(x)["event"] for x in r.stdout.splitlines()] == ["decision", "policy_reload"]
+    assert [json.loads(x)["seq"] for x in r.stdout.splitlines()] == [3, 4]
+    r = egress("audit", "status", "--state-dir", tmp_path)
+    assert r.returncode == 0 and "1 segment(s)" in r.stdout and "no sinks" in r.stdout

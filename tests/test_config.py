@@ -11,7 +11,7 @@ def test_defaults_are_runnable():
     cfg = load_config(None)
     assert cfg.listen == "127.0.0.1:8080" and cfg.admin == "127.0.0.1:8081"
     assert [s.mitmproxy_mode() for s in cfg.mode_specs()] == ["regular@127.0.0.1:8080"]
-    assert cfg.audit_path.name == "audit.jsonl"
+    assert cfg.audit_dir.name == "audit" and cfg.audit.sinks == () and cfg.audit.on_full == "deny"
 
 
 def test_file_then_flags(tmp_path):

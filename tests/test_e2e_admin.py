@@ -145,8 +145,11 @@ def test_metrics_and_audit_lines(env):
     assert get(gw, ups, "/echo/m1").status_code == 200
     assert get(gw, ups, "/echo/m2", tenant="other").status_code == 403
     m = gw.admin("GET", "/metrics")[1]
-    assert 'egress_requests_total{code="allowed",decision="allow",tenant="acme"}' in m
-    assert 'egress_requests_total{code="default_deny",decision="deny",tenant="other"}' in m
+    import re
+    assert re.search(r'egress_requests_total\{agent="[^"]+",code="allowed",decision="allow",rule="[^"]+",'
+                     r'tenant="acme"\}', m), m
+    assert re.search(r'egress_requests_total\{agent="[^"]+",code="default_deny",decision="deny",rule="_none",'
+                     r'tenant="other"\}', m), m
     assert "egress_decision_duration_seconds_bucket" in m
     decisions = [e for e in gw.audit_events() if e.get("event") == "decision"]
     assert len(decisions) >= 2
@@ -154,7 +157,8 @@ def test_metrics_and_audit_lines(env):
         assert {"ts", "request_id", "decision", "code", "policy_version", "principal", "request"} <= set(e)
         assert "query" not in e["request"]
     from gateway.audit import verify_chain
-    n, brk = verify_chain([gw.state_dir / "audit.jsonl"])  # the running gateway's file is one intact chain
+    from tests.support.gateway import audit_files
+    n, brk = verify_chain(audit_files(gw.state_dir))  # the running gateway's spool is one intact chain
     assert brk is None and n == len(gw.audit_events())
 
 

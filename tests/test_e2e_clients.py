@@ -64,7 +64,7 @@ def allowed_for(gw, agent: str, path_prefix: str) -> list[dict]:
 def assert_reached(gw, ups, agent, prefix, tok):
     assert any(p.startswith(prefix) for p in ups.stats()["paths"]), ups.stats()["paths"][-5:]
     assert allowed_for(gw, agent, prefix)
-    assert tok not in (gw.state_dir / "audit.jsonl").read_text()
+    assert tok not in gw.audit_text()
 
 
 def test_curl(env):

@@ -250,7 +250,7 @@ def test_bad_identity_gets_407(env, case):
     assert body["code"] == "identity_required" and body["decision"] == "deny"
     if tok:
         assert tok not in resp.body.decode()
-        assert tok not in (gw.state_dir / "audit.jsonl").read_text()
+        assert tok not in gw.audit_text()
 
 
 def test_revocation_applies_to_new_requests_and_open_tunnels(env):

@@ -240,7 +240,7 @@ def test_no_secret_value_in_audit_log_metrics_or_admin(env):
     (gw.state_dir / "metrics-snapshot.txt").write_text(metrics)  # scanned again at the end of the session
     assert "egress_secret_cache_hits_total" in metrics and "egress_secret_fetch_duration_seconds_bucket" in metrics
     assert "egress_secret_leases 0.0" in metrics
-    produced = [(gw.state_dir / "audit.jsonl").read_text(), gw.log_text(),
+    produced = [gw.audit_text(), gw.log_text(),
                 metrics, json.dumps(gw.admin("GET", "/v1/policy")[1])]
     for text in produced:
         for value in (GITHUB, LLM, VAULT_KEY):

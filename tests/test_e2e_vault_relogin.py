@@ -72,7 +72,7 @@ def test_token_expiry_and_relogin(tmp_path):
         # Fetched again with a new login. Without it the 403 would leave only the
         # stale value-1 (served for up to 60 s after a failed refresh).
         assert key_seen("/echo/2") == V2
-        assert V1 not in (gw.state_dir / "audit.jsonl").read_text()
+        assert V1 not in gw.audit_text()
     finally:
         if gw is not None:
             gw.stop()

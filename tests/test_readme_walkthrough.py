@@ -29,6 +29,7 @@ def test_readme_walkthrough(tmp_path):
         script = (walkthrough()
                   .replace(".venv/bin/egress", f"{sys.executable} -m gateway.cli")
                   .replace("token mint ", f"token mint --state-dir {gw.state_dir} ")
+                  .replace("audit tail ", f"audit tail --state-dir {gw.state_dir} ")
                   .replace("127.0.0.1:8080", f"127.0.0.1:{gw.proxy_port}")
                   .replace("127.0.0.1:8081", f"127.0.0.1:{gw.admin_port}")
                   .replace(":8000", f":{demo_port}").replace("8000 --bind", f"{demo_port} --bind")
@@ -50,6 +51,6 @@ def test_readme_walkthrough(tmp_path):
         assert "127.0.0.1 is loopback" in out
         assert '"code": "identity_required"' in out
         assert '"event":"decision"' in out  # tail of the audit file
-        assert re.search(r'egress_requests_total\{code="allowed",decision="allow",tenant="demo"\} 1\.0', out)
+        assert re.search(r'egress_requests_total\{agent="[^"]+",code="allowed",decision="allow",rule="[^"]+",tenant="demo"\} 1\.0', out)
     finally:
         gw.stop()

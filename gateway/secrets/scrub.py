@@ -54,11 +54,13 @@ class StreamScrubber:
         self.buf = b""
         self.hits = 0
         self.on_hit = on_hit
+        self.bytes = 0  # body bytes seen (for the audit's byte count)
 
     def __call__(self, data: bytes):
         """Scrubbed bytes to send now; ``[]`` when there are none yet (mitmproxy
         sends each returned bytes object as a chunk, and an empty chunk would end
         a chunked HTTP/1 body)."""
+        self.bytes += len(data)
         buf, hits = scrub_bytes(self.buf + data, self.needles)
         if hits:
             self.hits += hits

@@ -73,11 +73,12 @@ class GatewayProc:
         except ValueError:
             return status, raw.decode()
 
+    def audit_text(self) -> str:
+        """The audit spool's segments, in order, as one text (written synchronously by the gateway)."""
+        return audit_text(self.state_dir)
+
     def audit_events(self) -> list[dict]:
-        p = self.state_dir / "audit.jsonl"
-        if not p.exists():
-            return []
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in self.audit_text().splitlines() if line.strip()]
 
     def decision_for(self, request_id: str) -> dict:
         for ev in self.audit_events():
@@ -90,6 +91,15 @@ class GatewayProc:
 
     def log_text(self) -> str:
         return self.proc.log_text()
+
+
+def audit_files(state_dir: Path) -> list[Path]:
+    from gateway.audit.spool import segment_files
+    return segment_files(Path(state_dir) / "audit")
+
+
+def audit_text(state_dir: Path) -> str:
+    return "".join(p.read_text() for p in audit_files(state_dir))
 
 
 def start_gateway(tmp: Path, policies: Path, *, hosts: dict[str, str] | None = None,
