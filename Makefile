@@ -33,6 +33,7 @@ bench: venv
 	$(PY) benchmarks/bench_decision.py
 	$(PY) benchmarks/bench_gateway.py
 	$(PY) benchmarks/bench_inject.py
+	$(PY) benchmarks/bench_audit.py
 
 clean:
 	rm -rf $(VENV) $(STATE_DIR)
