@@ -320,9 +320,10 @@ def cmd_audit_export(args) -> int:
     from gateway.audit.query import iter_events
     problems: list[str] = []
     flt = _audit_filter(args)
+    joined = set() if flt.joins else None
     try:
         for ev, raw in iter_events(_audit_files(args), problems):
-            if flt.match(ev):
+            if flt.match(ev, joined):
                 _print_event(ev, raw, args.format)
     except OSError as e:
         raise CliError(f"cannot read {e.filename}: {e.strerror}", 1) from None
@@ -337,9 +338,10 @@ def cmd_audit_query(args) -> int:
     problems: list[str] = []
     n = 0
     counts: dict[tuple, int] = {}
+    joined = set() if flt.joins else None
     try:
         for ev, raw in iter_events(_audit_files(args), problems):
-            if not flt.match(ev):
+            if not flt.match(ev, joined):
                 continue
             n += 1
             if args.count:
@@ -369,6 +371,7 @@ def cmd_audit_tail(args) -> int:
 
     from gateway.audit.query import tail_raw
     flt = _audit_filter(args)
+    joined = set() if flt.joins else None
     files = _audit_files(args)
 
     def show(raw: bytes) -> None:
@@ -376,7 +379,7 @@ def cmd_audit_tail(args) -> int:
             ev = json.loads(raw)
         except ValueError:
             return
-        if flt.match(ev):
+        if flt.match(ev, joined):
             _print_event(ev, raw, args.format)
 
     try:

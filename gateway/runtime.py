@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway import celexpr
-from gateway.audit.config import build_sinks
 from gateway.audit.shipper import Shipper
+from gateway.audit.shipproc import ShipperProcess
 from gateway.audit.spool import NullSpool, Spool, now_iso
 from gateway.config import GatewayConfig
 from gateway.identity import IdentityResult, IdentityService
@@ -96,11 +96,13 @@ class Gateway:
         self.secrets = build_secret_resolver(config)
         self.metrics.secret_stats = self.secrets.stats
         try:
-            sinks = build_sinks(acfg, self._resolve_now) if acfg.enabled else []
+            if acfg.enabled and acfg.sinks:  # sinks run in their own process (gateway.audit.shipproc)
+                self.shipper = ShipperProcess(self.audit, acfg.sinks, self._resolve_now).start()
+            else:
+                self.shipper = Shipper(self.audit, [])
         except Exception:
             self.audit.close()
             raise
-        self.shipper = Shipper(self.audit, sinks).start()
         self.metrics.audit = (self.audit, self.shipper)
         self.metrics.identity = self.identity
         vault = self.secrets.backends.get("vault")
@@ -349,9 +351,7 @@ class Gateway:
             parts += [',"total_ms":', str(round(total_seconds * 1e3, 3))]
         if error:
             parts += [',"error":', _esc(error[:300])]
-        if principal is not None:
-            parts += [',"principal":', self._principal_json(principal)]
-        parts.append("}")
+        parts.append("}")  # who and what: in the decision event with the same request_id
         self.audit.write_line("".join(parts))
 
     def deny_response(self, decision: Decision, request_id: str, *, status: int | None = None,

@@ -234,5 +234,17 @@ def test_audit_query_tail_and_status(tmp_path):
     r = egress("audit", "tail", "-n", "2", "--state-dir", tmp_path)
     assert [json.loads(x)["event"] for x in r.stdout.splitlines()] == ["decision", "policy_reload"]
     assert [json.loads(x)["seq"] for x in r.stdout.splitlines()] == [3, 4]
+    # completion events carry no principal: they match through their decision's request_id
+    _spool(tmp_path / "j", [_decision("acme", "a1", "allow", "2026-12-01T10:00:00.000000Z"),
+                            _decision("beta", "a1", "allow", "2026-12-01T10:00:00.100000Z"),
+                            {"event": "request_completed", "request_id": "acme-a1-2026-12-01T10:00:00.000000Z",
+                             "status": 200, "ts": "2026-12-01T10:00:01.000000Z"},
+                            {"event": "request_completed", "request_id": "beta-a1-2026-12-01T10:00:00.100000Z",
+                             "status": 500, "ts": "2026-12-01T10:00:01.000000Z"}])
+    r = egress("audit", "query", "--state-dir", tmp_path / "j", "--tenant", "acme")
+    assert [(json.loads(x)["event"], json.loads(x).get("status")) for x in r.stdout.splitlines()] == [
+        ("decision", None), ("request_completed", 200)]
+    r = egress("audit", "query", "--state-dir", tmp_path / "j", "--tenant", "beta", "--event", "request_completed")
+    assert [json.loads(x)["status"] for x in r.stdout.splitlines()] == [500]
     r = egress("audit", "status", "--state-dir", tmp_path)
     assert r.returncode == 0 and "1 segment(s)" in r.stdout and "no sinks" in r.stdout

@@ -55,7 +55,34 @@ class Filter:
     since: float | None = None
     until: float | None = None
 
-    def match(self, ev: dict) -> bool:
+    def match(self, ev: dict, joined: set | None = None) -> bool:
+        """``joined``: collects the request ids of decisions that pass the filters on
+        who and what; their ``request_completed`` events (which carry neither) then
+        match too. Pass the same set for every event of a scan, in order."""
+        kind = ev.get("event")
+        if joined is not None and kind == "request_completed":
+            return (ev.get("request_id") in joined and self._in_time(ev)
+                    and self.event in (None, "request_completed") and self.request_id in (None, ev.get("request_id")))
+        ok = self._match(ev, check_event=False)
+        if ok and joined is not None and kind == "decision" and ev.get("request_id"):
+            if len(joined) > 100_000:
+                joined.clear()
+            joined.add(ev["request_id"])
+        return ok and (self.event is None or kind == self.event)
+
+    def _in_time(self, ev: dict) -> bool:
+        if self.since is None and self.until is None:
+            return True
+        t = event_time(ev)
+        return t is not None and (self.since is None or t >= self.since) and (self.until is None or t <= self.until)
+
+    @property
+    def joins(self) -> bool:
+        """Whether completion events must be joined to decisions to be filtered."""
+        return any(v is not None for v in (self.tenant, self.agent, self.decision, self.host)) \
+            and self.event in (None, "request_completed")
+
+    def _match(self, ev: dict, check_event: bool = True) -> bool:
         p = ev.get("principal") or {}
         if self.tenant is not None and p.get("tenant") != self.tenant:
             return False
@@ -63,17 +90,13 @@ class Filter:
             return False
         if self.decision is not None and ev.get("decision") != self.decision:
             return False
-        if self.event is not None and ev.get("event") != self.event:
+        if check_event and self.event is not None and ev.get("event") != self.event:
             return False
         if self.request_id is not None and ev.get("request_id") != self.request_id:
             return False
         if self.host is not None and (ev.get("request") or {}).get("host") != self.host:
             return False
-        if self.since is not None or self.until is not None:
-            t = event_time(ev)
-            if t is None or (self.since is not None and t < self.since) or (self.until is not None and t > self.until):
-                return False
-        return True
+        return self._in_time(ev)
 
 
 def default_files(spool_dir: str | Path) -> list[Path]:

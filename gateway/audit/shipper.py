@@ -36,6 +36,7 @@ class Delivery:
     batch_wait: float = 0.2  # seconds to wait for more events when the backlog is empty
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
+    ack_interval: float = 1.0  # seconds between writes of the acknowledgement file (at-least-once window)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class SinkWorker:
         self._thread = threading.Thread(target=self._run, name=f"egress-sink-{sink.name}", daemon=True)
         self._max_events = self.delivery.batch_events
         self._down_since = 0.0
+        self._last_ack = 0.0
         self._rejects_unreported = 0
         self._last_reject_event = -1e9
 
@@ -80,6 +82,8 @@ class SinkWorker:
             time.sleep(0.05)
         self._stop.set()
         self._thread.join(timeout=max(1.0, self.sink_timeout()))
+        if not self._thread.is_alive():
+            self._persist()
         try:
             self.sink.close()
         except Exception:
@@ -100,6 +104,8 @@ class SinkWorker:
                 self._stop.wait(1.0)
                 continue
             if not lines:
+                if self.reader.position != self.reader.acked:
+                    self._persist()
                 self._stop.wait(self.delivery.batch_wait)
                 continue
             batch = [Event(raw=line) for line in lines]
@@ -119,7 +125,10 @@ class SinkWorker:
                 backoff = min(self.delivery.backoff_max, backoff * 2)
                 self._stop.wait(wait)
                 continue
-            self.reader.ack(pos)
+            now = time.monotonic()
+            self.reader.ack(pos, durable=False)
+            if now - self._last_ack >= self.delivery.ack_interval:
+                self._persist()
             st = self.stats
             st.delivery_seconds.append(time.monotonic() - t0)
             if len(st.delivery_seconds) > 256:
@@ -135,6 +144,13 @@ class SinkWorker:
                 log.warning("audit sink %s recovered after %.1fs", self.sink.name, down)
                 self.spool.write({"event": "sink_recovered", "sink": self.sink.name,
                                   "down_seconds": round(down, 3), "retries": st.retries})
+
+    def _persist(self) -> None:
+        try:
+            self.reader.ack(self.reader.position)
+            self._last_ack = time.monotonic()
+        except OSError as e:
+            log.error("audit sink %s: cannot write its acknowledgement file: %s", self.sink.name, e)
 
     def _retry(self, e: DeliveryError, backoff: float, n: int) -> float:
         st = self.stats
@@ -178,7 +194,8 @@ class SinkWorker:
             self.spool.write({"event": "sink_failure", "sink": self.sink.name, "state": "rejected",
                               "error": self.stats.last_error, "events": self._rejects_unreported,
                               "first_id": refused[0].id if refused else "", "deadletter": str(path)})
-            self._rejects_unreported = 0
+            self._last_ack = 0.0
+        self._rejects_unreported = 0
 
 
 class Shipper:

@@ -58,6 +58,7 @@ SEGMENT_RE = re.compile(r"^seg-(\d{20})\.jsonl$")
 FSYNC_MODES = ("interval", "always", "never")
 ON_FULL = ("deny", "drop_oldest")
 _SECOND: list = [0, ""]
+_sha256 = hashlib.sha256
 
 
 def now_iso() -> str:
@@ -119,6 +120,7 @@ class Spool:
         self.retain_bytes, self.retain_age = retain_bytes, retain_age
         self._lockfile = self._take_lock()
         self.spool_id = self._spool_id()
+        self._sid = self.spool_id.encode()
         self._lock = threading.Lock()
         self._buf: list[bytes] = []
         self._flush_pending = False
@@ -132,7 +134,7 @@ class Spool:
         self._dirty = False  # written since the last fsync
         self._segments: list[Segment] = []
         self._fd = -1
-        self._prev, self._seq = GENESIS, 0
+        self._prev, self._seq = GENESIS.encode(), 0
         self.recovered_bytes = self._recover()
         self._stop = threading.Event()
         self._keeper = None
@@ -196,7 +198,7 @@ class Spool:
                 last = lines[-1]
                 try:
                     self._seq = int(json.loads(last)["seq"])
-                    self._prev = hashlib.sha256(last).hexdigest()
+                    self._prev = hashlib.sha256(last).hexdigest().encode()
                 except (ValueError, KeyError, TypeError):
                     raise RuntimeError(f"audit spool: the last event of {seg.path} is not a chained event; "
                                        f"move the file away to start a new chain") from None
@@ -241,12 +243,12 @@ class Spool:
         """Append one serialised event (a JSON object, no newline). Events written on the
         event loop's thread reach the kernel at the end of the loop iteration; with
         ``flush`` (or from another thread) before this returns."""
+        body = line.encode()
         with self._lock:
             self._seq += 1
             seq = self._seq
-            data = (f'{{"id":"{self.spool_id}-{seq}","seq":{seq},"prev":"{self._prev}",'
-                    + line[1:]).encode()
-            self._prev = hashlib.sha256(data).hexdigest()
+            data = b'{"id":"%s-%d","seq":%d,"prev":"%s",%s' % (self._sid, seq, seq, self._prev, body[1:])
+            self._prev = _sha256(data).hexdigest().encode()
             self._buf.append(data + b"\n")
             self.written += 1
             if not flush and not self._flush_pending:
@@ -320,7 +322,7 @@ class Spool:
             segs = list(self._segments)
         worst = 0
         for r in list(self.readers.values()):
-            worst = max(worst, _backlog(segs, r.position))
+            worst = max(worst, _backlog(segs, r.acked))
         return worst
 
     def reader(self, name: str) -> "SpoolReader":
@@ -351,6 +353,9 @@ class Spool:
     def maintain(self, now: float | None = None) -> None:
         """Enforce ``max_bytes`` and retention (the keeper calls it twice a second)."""
         now = time.time() if now is None else now
+        for r in list(self.readers.values()):
+            if r.external:
+                r.refresh()
         pending = self.pending_bytes()
         if pending > self.max_bytes and self.on_full == "drop_oldest":
             self._drop_oldest(pending)
@@ -359,7 +364,7 @@ class Spool:
         # delivered segments: before every reader's segment (all, with no reader), never the active one
         with self._lock:
             segs = list(self._segments[:-1])
-        floor = min((r.position.segment for r in list(self.readers.values())), default=None)
+        floor = min((r.acked.segment for r in list(self.readers.values())), default=None)
         delivered = [s for s in segs if floor is None or s.first < floor]
         total = sum(s.size for s in delivered)
         for s in delivered:  # oldest first
@@ -377,7 +382,7 @@ class Spool:
         for s in segs:
             if pending <= self.max_bytes:
                 break
-            behind = [r for r in self.readers.values() if r.position.segment <= s.first]
+            behind = [r for r in self.readers.values() if r.acked.segment <= s.first]
             if not behind:
                 continue
             self._delete(s)
@@ -438,14 +443,15 @@ class SpoolReader:
         self.path = spool.dir / "acks" / f"{name}.json"
         self._fh = None
         self._fh_segment = None
+        self.external = False  # delivered by another process: refresh() from the file
         self.skipped = 0  # segments that vanished under this reader (drop_oldest)
         pos = self._load()
         if pos is None:
             spool.flush()
             pos = spool.head
-            self.position = pos
+            self.acked = self.position = pos
             self.ack(pos)
-        self.position = pos
+        self.acked = self.position = pos
 
     def _load(self) -> Position | None:
         try:
@@ -457,12 +463,27 @@ class SpoolReader:
             raise RuntimeError(f"audit sink {self.name}: acknowledgement file {self.path} is corrupt; "
                                f"fix or delete it (deleting resumes delivery at the current end)") from None
 
-    def ack(self, pos: Position) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"segment": pos.segment, "offset": pos.offset, "seq": pos.seq}, f)
-        os.replace(tmp, self.path)
+    def ack(self, pos: Position, *, durable: bool = True) -> None:
+        """Record that everything up to ``pos`` was delivered. ``durable`` also writes
+        it to the acknowledgement file (what a restart resumes from); without it, only
+        this process's cursor moves (the shipper persists at most once a second: a
+        crash re-delivers that much, which receivers de-duplicate)."""
         self.position = pos
+        if durable and pos != self.acked:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump({"segment": pos.segment, "offset": pos.offset, "seq": pos.seq}, f)
+            os.replace(tmp, self.path)
+            self.acked = pos
+
+    def refresh(self) -> None:
+        """Re-read the acknowledgement file (another process delivers for this sink)."""
+        try:
+            pos = self._load()
+        except RuntimeError:
+            return
+        if pos is not None and pos != self.acked:
+            self.acked = self.position = pos
 
     def backlog(self) -> int:
         return _backlog(self.spool.segments(), self.position)
@@ -566,6 +587,56 @@ def _running_loop():
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+class SpoolView:
+    """A spool directory seen by a process that reads it but does not write it (the
+    shipper process). Notable events it produces go to ``emit`` (the writer process
+    records them)."""
+
+    def __init__(self, directory: str | Path, emit: Callable[[dict], None]):
+        self.dir = Path(directory)
+        self._emit = emit
+        self.readers: dict[str, SpoolReader] = {}
+        self.seq = 0
+
+    def segments(self) -> list[Segment]:
+        out = []
+        for p in segment_files(self.dir):
+            try:
+                out.append(Segment(int(SEGMENT_RE.match(p.name).group(1)), p, p.stat().st_size))
+            except FileNotFoundError:
+                continue
+        return out
+
+    @property
+    def head(self) -> Position:
+        segs = self.segments()
+        if not segs:
+            return Position(1, 0, 0)
+        last = segs[-1]
+        seq = last.first - 1
+        if last.size:
+            with open(last.path, "rb") as f:
+                f.seek(max(0, last.size - 65536))
+                tail = f.read(last.size - f.tell()).rstrip(b"\n").rsplit(b"\n", 1)[-1]
+            m = re.search(rb'"seq":(\d+)', tail)
+            seq = int(m.group(1)) if m else seq
+        return Position(last.first, last.size, seq)
+
+    def flush(self) -> bool:
+        return True
+
+    def write(self, event: dict) -> bool:
+        event.setdefault("ts", now_iso())
+        self._emit(event)
+        return True
+
+    def reader(self, name: str) -> "SpoolReader":
+        r = self.readers.get(name)
+        if r is None:
+            r = self.readers[name] = SpoolReader(self, name)
+        return r
 
 
 class NullSpool:

@@ -22,6 +22,7 @@ event loop: they may block on I/O, bounded by their own timeouts.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -33,6 +34,28 @@ class DeliveryError(Exception):
         super().__init__(message)
         self.retryable = retryable
         self.rejected = tuple(rejected)  # indexes into the batch; empty = the whole batch
+
+
+# The prefix every per-request event has as the spool writes it (gateway.runtime.record):
+# id, seq, prev, ts, event, then for decisions request_id and decision. Read without
+# parsing the whole line (sinks that need only these fields stay cheap).
+_HEAD = re.compile(rb'^\{"id":"([^"\\]*)","seq":(\d+),"prev":"[0-9a-f]{64}","ts":"([^"\\]*)","event":"([^"\\]*)"'
+                   rb'(?:,"request_id":"[^"\\]*","decision":"([a-z]+)")?')
+
+
+class Head(tuple):
+    """(id, seq, ts, event, decision) of an event."""
+
+    __slots__ = ()
+
+    def __new__(cls, id, seq, ts, event, decision):
+        return tuple.__new__(cls, (id, seq, ts, event, decision))
+
+    id = property(lambda self: self[0])
+    seq = property(lambda self: self[1])
+    ts = property(lambda self: self[2])
+    event = property(lambda self: self[3])
+    decision = property(lambda self: self[4])
 
 
 @dataclass
@@ -47,8 +70,22 @@ class Event:
         return self._parsed
 
     @property
+    def head(self) -> Head:
+        """id, seq, ts, event type and decision: from the line's prefix when it has the
+        spool's layout, else from the parsed event."""
+        m = _HEAD.match(self.raw)
+        if m is not None:
+            return Head(m.group(1).decode(), int(m.group(2)), m.group(3).decode(), m.group(4).decode(),
+                        m.group(5).decode() if m.group(5) else None)
+        d = self.data
+        seq = d.get("seq")
+        return Head(str(d.get("id", "")), seq if isinstance(seq, int) else None, str(d.get("ts", "")),
+                    str(d.get("event", "")), d.get("decision") if isinstance(d.get("decision"), str) else None)
+
+    @property
     def id(self) -> str:
-        return str(self.data.get("id", ""))
+        m = _HEAD.match(self.raw)
+        return m.group(1).decode() if m is not None else str(self.data.get("id", ""))
 
     @property
     def ts(self) -> str:

@@ -113,8 +113,18 @@ def printable_ascii(value: str, max_len: int) -> str:
     return out or "-"
 
 
+_MSGIDS: dict[str, str] = {}
+
+
 def sanitize_msgid(value: Any) -> str:
     """MSGID: printable US-ASCII, 1..32 characters, "-" if empty."""
+    if isinstance(value, str):
+        hit = _MSGIDS.get(value)
+        if hit is None:
+            hit = printable_ascii(value, 32)
+            if len(_MSGIDS) < 256:  # event types are few
+                _MSGIDS[value] = hit
+        return hit
     return printable_ascii("" if value is None else str(value), 32)
 
 
@@ -155,6 +165,8 @@ def severity_of(data: Mapping[str, Any]) -> int:
 def rfc5424_timestamp(ts: Any) -> str:
     """The event's RFC 3339 ``ts`` as an RFC 5424 TIMESTAMP (at most 6 fraction digits),
     NILVALUE if it is missing or malformed."""
+    if isinstance(ts, str) and len(ts) == 27 and ts[26] == "Z" and ts[19] == "." and ts[10] == "T":
+        return ts  # the spool's own format is already a valid TIMESTAMP
     m = _TS_RE.match(ts) if isinstance(ts, str) else None
     if not m:
         return "-"
@@ -169,12 +181,13 @@ def frame(msg: bytes) -> bytes:
 
 def build_message(ev: Event, fmt: str, *, facility: int = DEFAULT_FACILITY, hostname: str = "-",
                   app_name: str = DEFAULT_APP_NAME, procid: str = "-") -> bytes:
-    data = ev.data
-    seq = data.get("seq")
+    h = ev.head  # from the line's prefix: no full JSON parse per event
+    seq = h.seq
+    sev = SEV_WARNING if h.event == "decision" and h.decision == "deny" else SEV_INFO
     header = (
-        f"<{pri(facility, severity_of(data))}>1 {rfc5424_timestamp(data.get('ts'))} {hostname} "
-        f"{app_name} {procid} {sanitize_msgid(data.get('event'))} "
-        f'[{SD_ID} id="{sd_escape(ev.id)}" seq="{sd_escape("" if seq is None else seq)}"]'
+        f"<{pri(facility, sev)}>1 {rfc5424_timestamp(h.ts or None)} {hostname} "
+        f"{app_name} {procid} {sanitize_msgid(h.event)} "
+        f'[{SD_ID} id="{sd_escape(h.id)}" seq="{sd_escape("" if seq is None else seq)}"]'
     )
     # The SD values may hold non-ASCII (PARAM-VALUE is UTF-8); everything else is ASCII.
     # (lone surrogates, possible from JSON \ud800 escapes, are written as escapes)
