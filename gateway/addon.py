@@ -551,30 +551,35 @@ class EgressGateway:
 
     def _complete(self, flow, error: str = "") -> None:
         md = flow.metadata
-        if "egress_host" not in md or md.get("egress_done"):
+        if "egress_host" not in md or "egress_done" in md:
             return
         md["egress_done"] = True
         try:
-            req, resp = flow.request, flow.response
-            sent = len(req.raw_content) if req.raw_content is not None else _length(req.headers)
+            req = flow.request.data  # the plain fields, without the property layers
+            resp = flow.response
+            body = req.content
+            sent = len(body) if body is not None else _length(flow.request.headers)
             status = received = 0
-            upstream = total = None
-            end = time.time()
+            upstream = total = -1.0
+            end = 0.0
             if resp is not None and not error:
-                status = resp.status_code
-                if resp.raw_content is not None:
-                    received = len(resp.raw_content)
+                r = resp.data
+                status = r.status_code
+                body = r.content
+                if body is not None:
+                    received = len(body)
                 else:
                     received = getattr(resp.stream, "bytes", None)
                     if received is None:
                         received = _length(resp.headers)
-                if resp.timestamp_start and req.timestamp_end:
-                    upstream = max(0.0, resp.timestamp_start - req.timestamp_end)
-                end = resp.timestamp_end or end
-            total = max(0.0, end - req.timestamp_start) if req.timestamp_start else None
-            self.gw.record_completion(request_id=flow.id, principal=md.get("egress_principal"), status=status,
-                                      bytes_sent=sent, bytes_received=received, upstream_seconds=upstream,
-                                      total_seconds=total, error=error)
+                if r.timestamp_start and req.timestamp_end:
+                    upstream = r.timestamp_start - req.timestamp_end
+                end = r.timestamp_end or 0.0
+            if req.timestamp_start:
+                total = (end or time.time()) - req.timestamp_start
+            p = md.get("egress_principal")
+            self.gw.record_completion(flow.id, p.tenant if p is not None else None, status, sent, received,
+                                      upstream, total, error)
         except Exception:
             log.exception("could not record the completion of %s", flow.id)
             self.gw.metrics.audit_failures.inc()

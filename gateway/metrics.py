@@ -25,6 +25,7 @@ MAX_REQUEST_SERIES = 5000  # ... and beyond this many series, new agents and rul
 # Decisions take microseconds; keep resolution there.
 SECRET_BUCKETS = (1e-4, 1e-3, 5e-3, 0.025, 0.1, 0.5, 1.0, 5.0)
 DECISION_BUCKETS = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.025, 0.1)
+_STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -110,16 +111,19 @@ class Metrics:
         self._decision.observe(seconds)
 
     def observe_completion(self, tenant: str | None, status: int, sent: int, received: int,
-                           upstream: float | None, total: float | None) -> None:
-        t = self.tenant_label(tenant)
+                           upstream: float, total: float) -> None:
+        """Negative timings are unknown (not observed)."""
+        t = tenant if tenant in self._tenants else self.tenant_label(tenant)
         b = self._bytes
-        b[(t, "sent")] = b.get((t, "sent"), 0) + sent
-        b[(t, "received")] = b.get((t, "received"), 0) + received
-        cls = f"{status // 100}xx" if 100 <= status < 600 else "error"
+        k = (t, "sent")
+        b[k] = b.get(k, 0) + sent
+        k = (t, "received")
+        b[k] = b.get(k, 0) + received
+        cls = _STATUS_CLASS.get(status // 100, "error")
         self._statuses[cls] = self._statuses.get(cls, 0) + 1
-        if upstream is not None:
+        if upstream >= 0:
             self._upstream.observe(upstream)
-        if total is not None:
+        if total >= 0:
             self._total.observe(total)
 
     def requests_count(self, tenant: str, decision: str, code: str, agent: str | None = None,

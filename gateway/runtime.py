@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ STATUS = {
     "audit_unavailable": 503,
 }
 CODE_AUDIT = "audit_unavailable"
+_PLAIN_ID = re.compile(r"[0-9a-fA-F-]{1,64}")
 
 
 _esc = json.encoder.encode_basestring_ascii  # a JSON string literal, quotes included (C implementation)
@@ -334,25 +336,24 @@ class Gateway:
         # upstream I/O. Failures are counted by the audit log.
         self.audit.write_line("".join(parts), flush=decision.action != "allow")
 
-    def record_completion(self, *, request_id: str, principal: Principal | None, status: int,
-                          bytes_sent: int, bytes_received: int, upstream_seconds: float | None,
-                          total_seconds: float | None, error: str = "") -> None:
-        """The end of an allowed request (its decision event was written before it
-        went upstream): status, body bytes each way and timings."""
-        tenant = principal.tenant if principal else None
+    def record_completion(self, request_id: str, tenant: str | None, status: int, bytes_sent: int,
+                          bytes_received: int, upstream_seconds: float, total_seconds: float,
+                          error: str = "") -> None:
+        """The end of an allowed request (its decision event, with who and what, was
+        written before it went upstream; join on request_id): status, body bytes each
+        way and timings (negative: unknown, left out)."""
         self.metrics.observe_completion(tenant, status, bytes_sent, bytes_received, upstream_seconds,
                                         total_seconds)
-        parts = ['{"ts":"', now_iso(), '","event":"request_completed","request_id":', _esc(request_id),
-                 ',"status":', str(int(status)), ',"bytes_sent":', str(int(bytes_sent)),
-                 ',"bytes_received":', str(int(bytes_received))]
-        if upstream_seconds is not None:
-            parts += [',"upstream_ms":', str(round(upstream_seconds * 1e3, 3))]
-        if total_seconds is not None:
-            parts += [',"total_ms":', str(round(total_seconds * 1e3, 3))]
+        rid = request_id if _PLAIN_ID.fullmatch(request_id) else _esc(request_id)[1:-1]
+        line = (f'{{"ts":"{now_iso()}","event":"request_completed","request_id":"{rid}","status":{status:d},'
+                f'"bytes_sent":{bytes_sent:d},"bytes_received":{bytes_received:d}')
+        if upstream_seconds >= 0:
+            line += f',"upstream_ms":{upstream_seconds * 1e3:.3f}'
+        if total_seconds >= 0:
+            line += f',"total_ms":{total_seconds * 1e3:.3f}'
         if error:
-            parts += [',"error":', _esc(error[:300])]
-        parts.append("}")  # who and what: in the decision event with the same request_id
-        self.audit.write_line("".join(parts))
+            line += ',"error":' + _esc(error[:300])
+        self.audit.write_line(line + "}")
 
     def deny_response(self, decision: Decision, request_id: str, *, status: int | None = None,
                       proxy_auth: bool = False) -> DenyResponse:

@@ -122,7 +122,8 @@ class Spool:
         self.spool_id = self._spool_id()
         self._sid = self.spool_id.encode()
         self._lock = threading.Lock()
-        self._buf: list[bytes] = []
+        self._buf: list[bytes] = []  # chained lines not yet written
+        self._pending: list[str] = []  # events not yet chained (until the end of the loop iteration)
         self._flush_pending = False
         self.written = 0  # events written by this process
         self.failures = 0
@@ -241,25 +242,34 @@ class Spool:
 
     def write_line(self, line: str, *, flush: bool = False) -> bool:
         """Append one serialised event (a JSON object, no newline). Events written on the
-        event loop's thread reach the kernel at the end of the loop iteration; with
-        ``flush`` (or from another thread) before this returns."""
-        body = line.encode()
+        event loop's thread reach the kernel at the end of the loop iteration (chained
+        then, in order: one tight loop per iteration); with ``flush`` (or from another
+        thread) before this returns."""
         with self._lock:
-            self._seq += 1
-            seq = self._seq
-            data = b'{"id":"%s-%d","seq":%d,"prev":"%s",%s' % (self._sid, seq, seq, self._prev, body[1:])
-            self._prev = _sha256(data).hexdigest().encode()
-            self._buf.append(data + b"\n")
+            self._pending.append(line)
             self.written += 1
-            if not flush and not self._flush_pending:
-                loop = _running_loop()
-                if loop is not None and threading.current_thread() is threading.main_thread():
-                    self._flush_pending = True
-                    loop.call_soon(self.flush)
-                    return True
-            elif not flush:
+            if flush:
+                return self._flush_locked()
+            if self._flush_pending:
+                return True
+            loop = _running_loop()
+            if loop is not None and threading.current_thread() is threading.main_thread():
+                self._flush_pending = True
+                loop.call_soon(self.flush)
                 return True
             return self._flush_locked()
+
+    def _chain_pending(self) -> None:
+        """Give the pending events their id, seq and prev (the hash chain), in order."""
+        sid, prev, seq = self._sid, self._prev, self._seq
+        buf, sha = self._buf, _sha256
+        for line in self._pending:
+            seq += 1
+            data = b'{"id":"%s-%d","seq":%d,"prev":"%s",%s\n' % (sid, seq, seq, prev, line[1:].encode())
+            prev = sha(data[:-1]).hexdigest().encode()
+            buf.append(data)
+        self._pending.clear()
+        self._seq, self._prev = seq, prev
 
     def flush(self) -> bool:
         with self._lock:
@@ -267,6 +277,8 @@ class Spool:
 
     def _flush_locked(self) -> bool:
         self._flush_pending = False
+        if self._pending:
+            self._chain_pending()
         if not self._buf or self._fd < 0:
             return self._fd >= 0 or not self._buf
         data = b"".join(self._buf)
