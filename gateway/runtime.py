@@ -97,6 +97,7 @@ class Gateway:
         self.resolver = Resolver(config.hosts, self_addresses=config.self_addresses)
         self.secrets = build_secret_resolver(config)
         self.metrics.secret_stats = self.secrets.stats
+        self.secrets.on_fetch = self._secret_fetched
         try:
             if acfg.enabled and acfg.sinks:  # sinks run in their own process (gateway.audit.shipproc)
                 self.shipper = ShipperProcess(self.audit, acfg.sinks, self._resolve_now).start()
@@ -119,6 +120,18 @@ class Gateway:
         self._decision_frags: dict[int, tuple[Decision, str]] = {}
         self._request_frags: dict[tuple, tuple[str, str]] = {}
         self._secret_frags: dict[tuple, str] = {}
+
+    def _secret_fetched(self, ref, owner: str, ok: bool, seconds: float, lease_id: str, reason: str) -> None:
+        """Audit every fetch from a secret backend (cache hits are not fetches): the
+        reference by name, for whom, the outcome; never the value."""
+        ev = {"event": "secret_fetched", "ref": str(ref), "ok": ok, "ms": round(seconds * 1e3, 3)}
+        if owner:
+            ev["token_id"] = owner
+        if lease_id:
+            ev["lease"] = lease_id.rsplit("/", 1)[0]  # the path, not the lease's own id
+        if reason:
+            ev["reason"] = reason[:300]
+        self.audit.write(ev)
 
     def _resolve_now(self, ref: str) -> str:
         """Resolve a secret reference at start-up (sink credentials), off any running loop."""

@@ -138,6 +138,8 @@ class SecretResolver:
         # revoking an identity can revoke exactly the leases it used.
         self._cache: dict[tuple[SecretRef, str], _Entry] = {}
         self._inflight: dict[tuple[SecretRef, str], asyncio.Future] = {}
+        # called after every fetch from a backend (not cache hits): (ref, owner, ok, seconds, lease, reason)
+        self.on_fetch = None
         self.stats = StoreStats()
 
     @staticmethod
@@ -190,12 +192,14 @@ class SecretResolver:
             secret = await backend.fetch(ref, owner=key[1], owner_expires=owner_expires)
         except SecretUnavailable as e:
             self.stats.errors += 1
+            self._notify(ref, key[1], False, t0, "", e.reason)
             stale = self._stale(key)
             if stale is not None:
                 return stale
             raise e
         except Exception as e:  # a backend bug or an unexpected client error: fail closed
             self.stats.errors += 1
+            self._notify(ref, key[1], False, t0, "", f"secret backend error ({type(e).__name__})")
             stale = self._stale(key)
             if stale is not None:
                 return stale
@@ -207,7 +211,15 @@ class SecretResolver:
                 del fs[:500]
         now = self.clock()
         self._cache[key] = _Entry(secret, now, now + max(0.0, secret.ttl))
+        self._notify(ref, key[1], True, t0, secret.lease_id, "")
         return secret
+
+    def _notify(self, ref, owner: str, ok: bool, t0: float, lease_id: str, reason: str) -> None:
+        if self.on_fetch is not None:
+            try:
+                self.on_fetch(ref, owner, ok, time.perf_counter() - t0, lease_id, reason)
+            except Exception:  # pragma: no cover - auditing must not break a fetch
+                pass
 
     def _stale(self, key: tuple[SecretRef, str]) -> Secret | None:
         if key[0].dynamic:
