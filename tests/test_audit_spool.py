@@ -162,6 +162,12 @@ def test_a_new_reader_starts_at_the_head_and_resumes_from_its_ack(tmp_path):
     sp = spool(tmp_path, segment_bytes=4096, max_bytes=1 << 20)
     sp.write({"event": "before"})
     r = sp.reader("siem")
+    # its position is on disk at once, so another process (the shipper) starts there too
+    assert json.loads((sp.dir / "acks" / "siem.json").read_text())["seq"] == 1
+    fresh = spool(tmp_path / "empty")
+    fresh.reader("s")
+    assert json.loads((fresh.dir / "acks" / "s.json").read_text()) == {"segment": 1, "offset": 0, "seq": 0}
+    fresh.close()
     assert r.read() == ([], r.position)  # starts at the current end
     for i in range(50):
         sp.write({"event": "decision", "i": i, "pad": "y" * 100})
@@ -344,7 +350,7 @@ def test_metrics_show_spool_and_sinks(tmp_path):
     m.audit = (sp, sh)
     for i in range(5):
         sp.write({"event": "decision", "i": i})
-    assert wait_for(lambda: len(sink.got) == 5)
+    assert wait_for(lambda: sh.workers[0].stats.delivered == 5)
     text_ = m.render().decode()
     assert 'egress_audit_sink_delivered_events_total{sink="rec",type="recorder"} 5.0' in text_
     assert 'egress_audit_sink_up{sink="rec",type="recorder"} 1.0' in text_

@@ -461,7 +461,7 @@ class SpoolReader:
         if pos is None:
             spool.flush()
             pos = spool.head
-            self.acked = self.position = pos
+            self.acked = self.position = Position(-1, -1, -1)  # nothing on disk yet: ack() writes the file
             self.ack(pos)
         self.acked = self.position = pos
 
