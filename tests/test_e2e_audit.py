@@ -144,9 +144,10 @@ def test_a_full_spool_refuses_traffic_until_the_sink_catches_up(tmp_path, polici
         assert refused.status_code == 503
         body = refused.json()
         assert body["code"] == "audit_unavailable" and "audit spool is full" in body["reason"]
-        m = gw.admin("GET", "/metrics")[1]
-        assert "egress_audit_spool_full 1.0" in m
-        assert 'egress_audit_sink_up{sink="hook",type="webhook"} 0.0' in m
+        assert "egress_audit_spool_full 1.0" in gw.admin("GET", "/metrics")[1]
+        # the shipper process reports its sinks' state once a second
+        assert wait_until(lambda: 'egress_audit_sink_up{sink="hook",type="webhook"} 0.0'
+                          in gw.admin("GET", "/metrics")[1], timeout=10)
         recv.up()
         assert wait_until(lambda: s.get(url).status_code == 200, timeout=30)
         ids = [e["id"] for e in recv.events]

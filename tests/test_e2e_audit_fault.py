@@ -18,18 +18,8 @@ import requests
 from tests.support.gateway import start_gateway
 from tests.support.procs import start_upstreams
 from tests.support.rsyslog import Rsyslog, missing_reason
+from tests.test_e2e_audit import POLICY
 
-POLICY = """\
-apiVersion: egress/v1
-kind: Policy
-name: acme
-selector: principal.tenant == "acme"
-rules:
-  - name: read
-    action: allow
-    when: request.host == "upstream.test"
-    allow_internal: ["127.0.0.0/8"]
-"""
 
 pytestmark = pytest.mark.skipif(missing_reason() is not None, reason=f"real rsyslog needed: {missing_reason()}")
 
