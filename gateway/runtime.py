@@ -344,10 +344,11 @@ class Gateway:
         if principal is not None:
             parts += [',"principal":', self._principal_json(principal)]
         parts.append("}")
-        # A deny's line is in the file before the client can read the deny; an
-        # allow's is flushed at the end of this loop iteration, before any
-        # upstream I/O. Failures are counted by the audit log.
-        self.audit.write_line("".join(parts), flush=decision.action != "allow")
+        # Written to the kernel now: before the client can read a deny, and before
+        # an allowed request's first byte goes upstream (mitmproxy may send on a
+        # reused connection within this same loop iteration). Failures are counted
+        # by the spool.
+        self.audit.write_line("".join(parts), flush=True)
 
     def record_completion(self, request_id: str, tenant: str | None, status: int, bytes_sent: int,
                           bytes_received: int, upstream_seconds: float, total_seconds: float,

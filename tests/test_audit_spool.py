@@ -64,21 +64,24 @@ def wait_for(pred, timeout=10.0):
 
 # -- writing --------------------------------------------------------------------------------
 
-def test_lines_reach_the_file_by_the_end_of_the_loop_iteration(tmp_path):
+def test_flushed_lines_are_written_at_once_and_others_within_the_linger_time(tmp_path):
+    from gateway.audit.spool import LINGER
     sp = spool(tmp_path)
 
     async def main():
-        sp.write_line('{"n":1}')
+        sp.write_line('{"n":1}')  # a completion: may wait for the next write(2)
         sp.write_line('{"n":2}')
-        buffered = text(sp.dir)
-        await asyncio.sleep(0)  # one loop iteration
-        return buffered, text(sp.dir)
+        held = text(sp.dir)
+        await asyncio.sleep(LINGER * 2)
+        lingered = text(sp.dir)
+        sp.write_line('{"n":3}')
+        sp.write_line('{"n":4}', flush=True)  # a decision: written now, with what waited before it
+        return held, lingered, text(sp.dir)
 
-    buffered, flushed = asyncio.run(main())
-    assert buffered == ""  # batched: one write(2) per loop iteration
-    assert [json.loads(x)["n"] for x in flushed.splitlines()] == [1, 2]
-    sp.write_line('{"n":3}', flush=True)
-    assert text(sp.dir).count("\n") == 3
+    held, lingered, flushed = asyncio.run(main())
+    assert held == ""  # batched, not one write(2) per line
+    assert [json.loads(x)["n"] for x in lingered.splitlines()] == [1, 2]
+    assert [json.loads(x)["n"] for x in flushed.splitlines()] == [1, 2, 3, 4]
     assert os.stat(segment_files(sp.dir)[0]).st_mode & 0o777 == 0o640
     sp.close()
 

@@ -56,6 +56,7 @@ log = logging.getLogger("egress.audit")
 GENESIS = "0" * 64
 SEGMENT_RE = re.compile(r"^seg-(\d{20})\.jsonl$")
 FSYNC_MODES = ("interval", "always", "never")
+LINGER = 0.05  # seconds an event written without flush may wait for the next write(2)
 ON_FULL = ("deny", "drop_oldest")
 _SECOND: list = [0, ""]
 _sha256 = hashlib.sha256
@@ -241,10 +242,10 @@ class Spool:
         return self.write_line(json.dumps(event, separators=(",", ":"), sort_keys=True, default=str), flush=True)
 
     def write_line(self, line: str, *, flush: bool = False) -> bool:
-        """Append one serialised event (a JSON object, no newline). Events written on the
-        event loop's thread reach the kernel at the end of the loop iteration (chained
-        then, in order: one tight loop per iteration); with ``flush`` (or from another
-        thread) before this returns."""
+        """Append one serialised event (a JSON object, no newline). With ``flush``, it
+        (and everything before it) is chained and written to the kernel before this
+        returns; without, it goes out with the next flushed event or within
+        ``LINGER`` seconds (on the event loop), or at once from another thread."""
         with self._lock:
             self._pending.append(line)
             self.written += 1
@@ -255,7 +256,7 @@ class Spool:
             loop = _running_loop()
             if loop is not None and threading.current_thread() is threading.main_thread():
                 self._flush_pending = True
-                loop.call_soon(self.flush)
+                loop.call_later(LINGER, self.flush)
                 return True
             return self._flush_locked()
 
@@ -273,10 +274,10 @@ class Spool:
 
     def flush(self) -> bool:
         with self._lock:
+            self._flush_pending = False
             return self._flush_locked()
 
     def _flush_locked(self) -> bool:
-        self._flush_pending = False
         if self._pending:
             self._chain_pending()
         if not self._buf or self._fd < 0:

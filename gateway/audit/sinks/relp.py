@@ -17,6 +17,7 @@ TCP connection, as imrelp's ``tls="on"`` expects.
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 from typing import Callable
@@ -40,48 +41,45 @@ def encode_frame(txnr: int, command: bytes, data: bytes = b"") -> bytes:
     return b"%d %s 0\n" % (txnr, command)
 
 
+_HEADER = re.compile(rb"(\d{1,9}) ([a-z]{1,32}) (\d{1,9})([ \n])")
+
+
 class FrameReader:
-    """Parses RELP frames from a byte stream (``feed`` bytes, ``frames`` yields complete ones)."""
+    """Parses RELP frames from a byte stream: ``feed`` bytes, get the complete frames."""
 
     def __init__(self):
         self.buf = b""
 
     def feed(self, data: bytes) -> list[tuple[int, bytes, bytes]]:
-        self.buf += data
+        buf = self.buf + data if self.buf else data
         out = []
-        while True:
-            parts = self.buf.split(b" ", 3)
-            if len(parts) < 3:
-                if len(self.buf) > 64 and b" " not in self.buf[:40]:
-                    raise RelpError("not a RELP frame")
-                return out
-            txnr_s, cmd = parts[0], parts[1]
-            rest = self.buf[len(txnr_s) + len(cmd) + 2:]
-            # DATALEN is followed by SP DATA or (when 0) directly by LF
-            i = 0
-            while i < len(rest) and rest[i:i + 1].isdigit():
-                i += 1
-            if i == len(rest):
-                return out
-            if not txnr_s.isdigit() or i == 0 or i > 9:
-                raise RelpError(f"bad RELP frame header {self.buf[:40]!r}")
-            n = int(rest[:i])
-            sep = rest[i:i + 1]
-            if n == 0:
-                if sep != b"\n":
+        i, n = 0, len(buf)
+        match = _HEADER.match
+        while i < n:
+            m = match(buf, i)
+            if m is None:
+                if n - i > 64 or (n - i and not buf[i:i + 1].isdigit()):
+                    raise RelpError(f"bad RELP frame header {buf[i:i + 40]!r}")
+                break  # an incomplete header
+            length = int(m.group(3))
+            if length == 0:
+                if m.group(4) != b"\n":
                     raise RelpError("bad RELP frame: no trailer")
-                out.append((int(txnr_s), cmd, b""))
-                self.buf = rest[i + 1:]
+                out.append((int(m.group(1)), m.group(2), b""))
+                i = m.end()
                 continue
-            if sep != b" ":
+            if m.group(4) != b" ":
                 raise RelpError("bad RELP frame: no space before data")
-            need = i + 1 + n + 1
-            if len(rest) < need:
-                return out
-            if rest[need - 1:need] != b"\n":
+            start = m.end()
+            end = start + length
+            if end + 1 > n:
+                break  # the data is not all here yet
+            if buf[end:end + 1] != b"\n":
                 raise RelpError("bad RELP frame: no trailer")
-            out.append((int(txnr_s), cmd, rest[i + 1:i + 1 + n]))
-            self.buf = rest[need:]
+            out.append((int(m.group(1)), m.group(2), buf[start:end]))
+            i = end + 1
+        self.buf = buf[i:]
+        return out
 
 
 class RelpSink(Sink):
