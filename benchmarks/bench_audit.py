@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -74,7 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--proto", choices=("http", "https"), default="http")
     ap.add_argument("--max-background", type=float, default=0.25)
     ap.add_argument("--keep-temp", action="store_true")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="do not give the gateways' event-loop threads a CPU of their own (see below)")
     args = ap.parse_args(argv)
+    # Pinning: the question is what the audit trail costs the proxy, so each gateway's
+    # event-loop thread gets the first CPU to itself and everything else (load client,
+    # upstream, rsyslog, the shipper process, the gateways' helper threads) shares the
+    # others. Without it, on 2 cores, the scheduler's placement of rsyslog and the
+    # shipper next to the proxy thread swings the results by +-10%.
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = not args.no_pin and len(cpus) >= 2
+    if pin:
+        os.sched_setaffinity(0, set(cpus[1:]))  # inherited by every process started from here
     why = missing_reason()
     if why:
         print(f"bench_audit: cannot run: {why}", file=sys.stderr)
@@ -117,12 +129,19 @@ def main(argv: list[str] | None = None) -> int:
                          "ca": state / "ca" / "mitmproxy-ca-cert.pem"}
         for name in NAMES:
             bg.wait_ready(gws[name]["proc"], gws[name]["port"], gws[name]["ca"])
+            if pin:  # the event-loop thread only (affinity is per thread): helper threads stay on the others
+                os.sched_setaffinity(gws[name]["proc"].pid, {cpus[0]})
 
         print(f"bench_audit: {args.proto}; {args.connections} keep-alive connections, {args.warmup:g}s warm-up + "
               f"{args.duration:g}s measured per run, {args.rounds} round(s), median shown")
         print("gateways: off (audit.enabled: false) | spool (durable spool only) | file+relp (spool + rotating "
               "file + RELP to a real rsyslog) | file+syslog (spool + file + RFC 5424/TCP to the same rsyslog)")
-        print("all on this machine's cores, with the load client, the upstream and rsyslog\n", flush=True)
+        if pin:
+            print(f"pinned: each gateway's event-loop thread on CPU {cpus[0]}; the load client, upstream, rsyslog, "
+                  f"the shipper process and the gateways' helper threads on CPU(s) "
+                  f"{','.join(map(str, cpus[1:]))} (--no-pin: unpinned)\n", flush=True)
+        else:
+            print("unpinned: everything shares this machine's cores\n", flush=True)
         runs: dict[str, list[dict]] = {n: [] for n in NAMES}
         for r in range(args.rounds):
             order = NAMES[r % len(NAMES):] + NAMES[:r % len(NAMES)]

@@ -41,6 +41,7 @@ from typing import Callable
 log = logging.getLogger("egress.audit")
 
 PR_SET_PDEATHSIG = 1
+SHIPPER_NICE = 10
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -191,6 +192,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
     except OSError:
         pass
     os.setpgrp()  # terminal signals (Ctrl-C) go to the gateway, which stops us in order
+    try:
+        os.nice(SHIPPER_NICE)  # delivery yields the CPU to traffic; the spool absorbs bursts
+    except OSError:
+        pass
 
 
 # -- the child's side ------------------------------------------------------------------------
