@@ -43,7 +43,7 @@ from gateway.secrets.inject import PLACEHOLDER_PREFIX, placeholders_in
 from gateway.secrets.scrub import StreamScrubber, scrub_bytes
 from gateway.secrets.scrub import variants as scrub_variants
 from gateway.secrets.store import SecretUnavailable
-from gateway.runtime import STATUS, Gateway, deny_decision
+from gateway.runtime import CODE_AUDIT, STATUS, Gateway, deny_decision
 
 log = logging.getLogger("egress.addon")
 
@@ -516,9 +516,12 @@ class EgressGateway:
     def _finish(self, flow, principal, state, request, tls, destination, decision, seconds, secrets=()) -> None:
         gw = self.gw
         host, port = request.host, request.port
-        gw.record(request_id=flow.id, principal=principal, request=request, decision=decision,
-                  source=_peer(flow), destination=destination, decision_seconds=seconds, secrets=secrets,
-                  status=0 if decision.allowed else STATUS.get(decision.code, 403))
+        written = gw.record(request_id=flow.id, principal=principal, request=request, decision=decision,
+                            source=_peer(flow), destination=destination, decision_seconds=seconds,
+                            secrets=secrets, status=0 if decision.allowed else STATUS.get(decision.code, 403))
+        if decision.allowed and not written:
+            # nothing leaves that is not on record: the audit spool could not take this decision
+            decision = deny_decision(CODE_AUDIT, gw.audit.refusal_reason(), decision.policy_version)
         if not decision.allowed:
             self._respond(flow, decision)
             return

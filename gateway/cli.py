@@ -72,8 +72,12 @@ def cmd_gateway_run(args) -> int:
         raise CliError(str(e)) from None
     try:
         gw = Gateway(cfg)
+    except (ValueError, RuntimeError, OSError) as e:  # audit sinks, spool in use, unreadable files
+        raise CliError(f"the gateway did not start: {e}", 2) from None
+    try:
         gw.load_policies()
     except PolicyLoadError as e:
+        gw.close()
         for p in e.problems:
             print(f"error: {p}", file=sys.stderr)
         raise CliError(f"policies in {cfg.policies} are invalid; the gateway did not start", 1) from None

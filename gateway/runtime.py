@@ -309,11 +309,12 @@ class Gateway:
     def record(self, *, request_id: str, principal: Principal | None, request: Request | None,
                decision: Decision, source: str = "", destination: Destination | None = None,
                decision_seconds: float = 0.0, identity_code: str = "", secrets: tuple[str, ...] = (),
-               status: int = 0) -> None:
+               status: int = 0) -> bool:
         """Count and audit one decision (allow or deny): one JSON line, composed
         from fragments serialised once per principal, destination, decision and
-        request shape (this is on the per-request path). No query string and no
-        header values: they often carry secrets."""
+        request shape (this is on the per-request path). No header values, query
+        values redacted by default: they often carry secrets. Returns False when
+        the event could not be written (the caller must not forward the request)."""
         if principal is not None:
             self.metrics.count(principal.tenant, decision.action, decision.code, principal.agent, decision.rule)
         else:
@@ -348,7 +349,7 @@ class Gateway:
         # an allowed request's first byte goes upstream (mitmproxy may send on a
         # reused connection within this same loop iteration). Failures are counted
         # by the spool.
-        self.audit.write_line("".join(parts), flush=True)
+        return self.audit.write_line("".join(parts), flush=True)
 
     def record_completion(self, request_id: str, tenant: str | None, status: int, bytes_sent: int,
                           bytes_received: int, upstream_seconds: float, total_seconds: float,

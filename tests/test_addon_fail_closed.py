@@ -85,6 +85,31 @@ def test_undecided_request_is_refused_at_the_backstop(addon):
     assert f.response is not None and json.loads(f.response.content)["code"] == "internal_error"
 
 
+def test_allowed_request_is_refused_when_its_decision_cannot_be_written(addon):
+    import os
+    sp = addon.gw.audit
+    real = sp._fd
+    sp._fd = os.open("/dev/full", os.O_WRONLY)  # the disk is full: the decision event cannot be written
+    try:
+        f = flow_for(addon)
+        addon.requestheaders(f)
+        assert f.response is not None and f.response.status_code == 503
+        body = json.loads(f.response.content)
+        assert body["code"] == "audit_unavailable" and "cannot be written" in body["reason"]
+        assert "egress_host" not in f.metadata  # not pinned, never forwarded
+        f2 = flow_for(addon)  # and the next one is refused before it is even decided
+        addon.requestheaders(f2)
+        assert json.loads(f2.response.content)["code"] == "audit_unavailable"
+    finally:
+        os.close(sp._fd)
+        sp._fd = real
+    sp.maintain()  # the keeper (twice a second) retries: the kept events are written
+    assert sp.accepting
+    f3 = flow_for(addon)  # traffic flows again
+    addon.requestheaders(f3)
+    assert f3.response is None and f3.metadata["egress_host"] == "upstream.test"
+
+
 def test_denied_request_keeps_its_deny(addon):
     f = flow_for(addon, "http://127.0.0.9/x")  # a literal: decided without DNS
     addon.requestheaders(f)

@@ -106,6 +106,18 @@ def test_gateway_run_config_errors(tmp_path):
     cfg.write_text("listn: 1.2.3.4:5\n")
     r = egress("gateway", "run", "--config", cfg, "--state-dir", tmp_path)
     assert r.returncode == 2 and "unknown setting(s) listn" in r.stderr
+    # audit sinks are checked before anything listens: a clear error, no traceback
+    cfg.write_text('audit:\n  sinks:\n    - {name: s, type: relp, addres: "127.0.0.1:1"}\n')
+    r = egress("gateway", "run", "--config", cfg, "--state-dir", tmp_path, "--no-admin")
+    assert r.returncode == 2 and "audit.sinks.s: unknown option(s) addres" in r.stderr
+    assert "Traceback" not in r.stderr
+    cfg.write_text('audit:\n  sinks:\n    - {name: s, type: webhook, url: "http://127.0.0.1:1/x", '
+                   'token: "env:EGRESS_TEST_UNSET_TOKEN"}\n')
+    r = egress("gateway", "run", "--config", cfg, "--state-dir", tmp_path, "--no-admin")
+    assert r.returncode == 2 and "cannot resolve env:EGRESS_TEST_UNSET_TOKEN" in r.stderr
+    cfg.write_text('audit:\n  on_full: panic\n')
+    r = egress("gateway", "run", "--config", cfg, "--state-dir", tmp_path, "--no-admin")
+    assert r.returncode == 2 and "audit.on_full" in r.stderr
 
 
 def test_admin_commands_without_gateway(tmp_path):

@@ -366,6 +366,9 @@ class Spool:
     def maintain(self, now: float | None = None) -> None:
         """Enforce ``max_bytes`` and retention (the keeper calls it twice a second)."""
         now = time.time() if now is None else now
+        if self.write_error is not None:  # retry what could not be written: success reopens traffic
+            with self._lock:
+                self._flush_locked()
         for r in list(self.readers.values()):
             if r.external:
                 r.refresh()
