@@ -31,8 +31,43 @@ def _scanned_files(base):
             yield p
 
 
+def _leftover_shippers(base) -> list[str]:
+    """Audit shipper processes started by this session's gateways that are still running
+    (a shipper must exit with its gateway, also when the gateway is SIGKILLed)."""
+    import os
+    import time
+    deadline = time.monotonic() + 15
+    while True:
+        found = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read()
+                log = os.readlink(f"/proc/{d}/fd/2")
+                state = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if b"gateway.audit.shipproc" in cmd and log.startswith(str(base)) and state != "Z":
+                found.append(f"pid {d} (log {log})")
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None:
+        try:
+            leftover = _leftover_shippers(factory.getbasetemp())
+        except Exception:
+            leftover = []
+        if leftover:
+            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+            if reporter:
+                reporter.write_line("AUDIT SHIPPER PROCESSES LEFT RUNNING:\n  " + "\n  ".join(leftover), red=True)
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if not _SECRETS:
         return
     factory = getattr(session.config, "_tmp_path_factory", None)

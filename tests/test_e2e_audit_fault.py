@@ -82,6 +82,27 @@ class Load:
             t.join(10)
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def wait_more(load: Load, n: int, timeout: float = 20) -> None:
     goal = load.count() + n
     deadline = time.monotonic() + timeout
@@ -143,8 +164,14 @@ def _load_and_faults(rs, ups, start):
             time.sleep(0.05)
         wait_more(load, 60)
         # 2. the gateway is killed without warning, and restarted on the same state
+        shippers = _children(gw.proc.pid)
+        assert shippers, "the gateway runs its sinks in a child process"
         os.kill(gw.proc.pid, signal.SIGKILL)
         gw.proc.popen.wait(10)
+        deadline = time.monotonic() + 15  # its shipper notices, delivers what it can (2 s), and exits
+        while any(_alive(p) for p in shippers):
+            assert time.monotonic() < deadline, "the shipper process outlived its gateway"
+            time.sleep(0.1)
         before_restart = load.count()
         gw = start()
         load.target = (gw.proxy_url(token), base)

@@ -230,8 +230,14 @@ def main() -> int:
     view = SpoolView(d, lambda ev: send({"event": ev}))
     sinks = build_sinks_from(spec["sinks"], lambda ref: secrets[ref])
     shipper = Shipper(view, sinks).start()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    # Plain flags, not an Event: a signal handler must not take a lock the main thread
+    # may hold (Event.set from a handler deadlocked against Event.wait here).
+    stopping = [False]
+
+    def on_term(*_a) -> None:
+        stopping[0] = True
+
+    signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch_stdin() -> None:
@@ -240,12 +246,16 @@ def main() -> int:
                 pass
         except (OSError, ValueError):
             pass
-        stop.set()
+        stopping[0] = True
 
     threading.Thread(target=watch_stdin, daemon=True).start()
-    while not stop.wait(1.0):
-        send({"stats": {w.sink.name: {k: v for k, v in asdict(w.stats).items() if k != "delivery_seconds"}
-                        for w in shipper.workers}})
+    last = time.monotonic()
+    while not stopping[0]:
+        time.sleep(0.1)
+        if time.monotonic() - last >= 1.0:
+            last = time.monotonic()
+            send({"stats": {w.sink.name: {k: v for k, v in asdict(w.stats).items() if k != "delivery_seconds"}
+                            for w in shipper.workers}})
     shipper.stop(drain=float(spec.get("drain", 2.0)))
     send({"stats": {w.sink.name: {k: v for k, v in asdict(w.stats).items() if k != "delivery_seconds"}
                     for w in shipper.workers}})
