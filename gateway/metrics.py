@@ -75,6 +75,9 @@ class Metrics:
         self.policy_rules = Gauge("egress_policy_rules", "Rules in the active policy set", registry=r)
         self.reloads = Counter("egress_policy_reloads", "Policy reloads, by outcome and trigger",
                                ["outcome", "trigger"], registry=r)
+        for outcome in ("success", "failure"):  # present at 0, so increase() sees the first failure
+            for trigger in ("file-change", "sighup", "admin"):
+                self.reloads.labels(outcome, trigger)
         self.reflections = Counter("egress_reflections_scrubbed", "Injected credentials an upstream echoed back, "
                                    "scrubbed before the sandbox could read them, by where", ["where"], registry=r)
         self.audit_failures = Counter("egress_audit_write_failures", "Audit events that could not be written",
