@@ -278,9 +278,9 @@ class EgressGateway:
         probe = Request(host=host, port=port, scheme="https", method="CONNECT", path="", sni="")
         if pre is not None:
             d = Decision(DENY, pre.code, pre.rule, pre.reason, gw.policies.version)
+            self._respond(flow, d)  # first: the deny stands whatever happens next
             gw.record(request_id=flow.id, principal=principal, request=probe, decision=d,
-                      source=_peer(flow), destination=destination)
-            self._respond(flow, d)
+                      source=_peer(flow), destination=destination, status=flow.response.status_code)
             return
         self.conns[flow.client_conn.id] = ConnState(principal, ident.expires_at, (host, port), destination)
 

@@ -205,6 +205,8 @@ def test_connect_refused_before_tls_when_no_rule_could_allow(env):
     with s:
         assert resp.status == 403
         assert resp.json()["code"] == "default_deny"
+    ev = gw.decision_for(resp.json()["request_id"])
+    assert ev["request"]["method"] == "CONNECT" and ev["status"] == 403 and ev["decision"] == "deny"
 
 
 def test_shadow_policy_reports_but_does_not_decide(env):

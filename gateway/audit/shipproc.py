@@ -90,7 +90,11 @@ class ShipperProcess:
             resolved[ref] = v
             return v
 
-        built = build_sinks_from(sinks_config, capture)  # validates every sink here, in the parent
+        # Build every sink here once, in the parent, to fail at start-up with a clear error
+        # (and to resolve the secret references); the child builds them again. Building is
+        # idempotent: a file sink's start-up recovery (leftover compression, retention)
+        # simply finds nothing left to do the second time.
+        built = build_sinks_from(sinks_config, capture)
         self.workers = [WorkerView(spool, s.name, s.kind) for s, _ in built]
         for s, _ in built:
             s.close()
