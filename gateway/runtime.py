@@ -319,6 +319,8 @@ class Gateway:
             self.metrics.count(principal.tenant, decision.action, decision.code, principal.agent, decision.rule)
         else:
             self.metrics.count(None, decision.action, decision.code, None, decision.rule)
+        if not self.audit.enabled:  # audit off: nothing to compose (and benchmarks measure it so)
+            return True
         parts = ['{"ts":"', now_iso(), '","event":"decision","request_id":', _esc(request_id), ",",
                  self._decision_json(decision), '"source":', _esc(source)]
         if identity_code:
@@ -359,6 +361,8 @@ class Gateway:
         way and timings (negative: unknown, left out)."""
         self.metrics.observe_completion(tenant, status, bytes_sent, bytes_received, upstream_seconds,
                                         total_seconds)
+        if not self.audit.enabled:
+            return
         rid = request_id if _PLAIN_ID.fullmatch(request_id) else _esc(request_id)[1:-1]
         line = (f'{{"ts":"{now_iso()}","event":"request_completed","request_id":"{rid}","status":{status:d},'
                 f'"bytes_sent":{bytes_sent:d},"bytes_received":{bytes_received:d}')

@@ -106,6 +106,8 @@ class Position:
 
 
 class Spool:
+    enabled = True
+
     def __init__(self, directory: str | Path, *, segment_bytes: int = 16 << 20, max_bytes: int = 1 << 30,
                  on_full: str = "deny", fsync: str = "interval", fsync_interval: float = 1.0,
                  retain_bytes: int = 256 << 20, retain_age: float = 7 * 86400.0, keeper: bool = True):
@@ -121,7 +123,7 @@ class Spool:
         self.retain_bytes, self.retain_age = retain_bytes, retain_age
         self._lockfile = self._take_lock()
         self.spool_id = self._spool_id()
-        self._sid = self.spool_id.encode()
+        self._sid = self.spool_id
         self._lock = threading.Lock()
         self._buf: list[bytes] = []  # chained lines not yet written
         self._pending: list[str] = []  # events not yet chained (until the end of the loop iteration)
@@ -136,7 +138,7 @@ class Spool:
         self._dirty = False  # written since the last fsync
         self._segments: list[Segment] = []
         self._fd = -1
-        self._prev, self._seq = GENESIS.encode(), 0
+        self._prev, self._seq = GENESIS, 0
         self.recovered_bytes = self._recover()
         self._stop = threading.Event()
         self._keeper = None
@@ -200,7 +202,7 @@ class Spool:
                 last = lines[-1]
                 try:
                     self._seq = int(json.loads(last)["seq"])
-                    self._prev = hashlib.sha256(last).hexdigest().encode()
+                    self._prev = hashlib.sha256(last).hexdigest()
                 except (ValueError, KeyError, TypeError):
                     raise RuntimeError(f"audit spool: the last event of {seg.path} is not a chained event; "
                                        f"move the file away to start a new chain") from None
@@ -261,14 +263,17 @@ class Spool:
             return self._flush_locked()
 
     def _chain_pending(self) -> None:
-        """Give the pending events their id, seq and prev (the hash chain), in order."""
-        sid, prev, seq = self._sid, self._prev, self._seq
-        buf, sha = self._buf, _sha256
+        """Give the pending events their id, seq and prev (the hash chain), in order:
+        one bytes chunk of whole lines (on the per-request path: kept lean)."""
+        sid, prev, seq, sha = self._sid, self._prev, self._seq, _sha256
+        out = []
         for line in self._pending:
             seq += 1
-            data = b'{"id":"%s-%d","seq":%d,"prev":"%s",%s\n' % (sid, seq, seq, prev, line[1:].encode())
-            prev = sha(data[:-1]).hexdigest().encode()
-            buf.append(data)
+            rec = f'{{"id":"{sid}-{seq}","seq":{seq},"prev":"{prev}",{line[1:]}'.encode()
+            prev = sha(rec).hexdigest()
+            out.append(rec)
+        out.append(b"")
+        self._buf.append(b"\n".join(out))
         self._pending.clear()
         self._seq, self._prev = seq, prev
 
@@ -282,12 +287,14 @@ class Spool:
             self._chain_pending()
         if not self._buf or self._fd < 0:
             return self._fd >= 0 or not self._buf
-        data = b"".join(self._buf)
+        buf = self._buf
+        data = buf[0] if len(buf) == 1 else b"".join(buf)
         seg = self._segments[-1]
+        done = 0
         try:
-            view, done = memoryview(data), 0
-            while done < len(data):
-                done += os.write(self._fd, view[done:])
+            done = os.write(self._fd, data)
+            while done < len(data):  # short write (rare): the rest
+                done += os.write(self._fd, memoryview(data)[done:])
         except OSError as e:
             # Keep what was not written (in order) for the next attempt; refuse traffic meanwhile.
             self._buf = [data[done:]]
@@ -658,6 +665,7 @@ class SpoolView:
 class NullSpool:
     """audit.enabled: false (benchmark baselines only): records nothing."""
 
+    enabled = False
     dir = None
     spool_id = "off"
     written = failures = dropped_bytes = recovered_bytes = 0
