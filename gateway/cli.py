@@ -28,10 +28,7 @@ Every subcommand has its own --help with examples.
 """
 
 
-class CliError(Exception):
-    def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
-        self.code = code
+from gateway.clierror import CliError  # noqa: E402  (re-exported: gateway.cli.CliError)
 
 
 def parse_duration(text: str) -> int:
@@ -464,65 +461,42 @@ def cmd_audit_status(args) -> int:
 # -- policies ---------------------------------------------------------------------------------
 
 def _load_policies(directory: str, engine: str = "rust"):
-    from gateway import celexpr
-    from gateway.policy.loader import PolicyLoadError, load_directory
-
-    if not Path(directory).is_dir():
-        raise CliError(f"{directory} is not a directory")
-    try:
-        return load_directory(directory, engine=celexpr.make_engine(engine))
-    except PolicyLoadError as e:
-        for p in e.problems:
-            print(f"{p}", file=sys.stderr)
-        raise CliError(f"{len(e.problems)} problem(s) in {directory}", 1) from None
+    from gateway.policytools import load_policy_set
+    return load_policy_set(directory, engine, code=1)
 
 
 def cmd_policy_check(args) -> int:
     ps = _load_policies(args.directory, args.engine)
     if args.json:
-        print(json.dumps({"ok": True, "version": ps.version, "policies": len(ps.policies),
-                          "rules": ps.rule_count, "files": [str(f) for f in ps.files]}))
+        print(json.dumps({"ok": True, "version": ps.version, "fingerprint": ps.fingerprint,
+                          "policies": len(ps.policies), "rules": ps.rule_count,
+                          "policy_fingerprints": ps.policy_fingerprints, "files": [str(f) for f in ps.files]}))
     else:
         print(f"ok: {len(ps.files)} files, {len(ps.policies)} policies, {ps.rule_count} rules, "
-              f"version {ps.version}")
+              f"version {ps.version}, fingerprint {ps.fingerprint}")
     return 0
 
 
 def cmd_policy_decide(args) -> int:
-    from urllib.parse import urlsplit
-
-    from gateway.addresses import classify
-    from gateway.config import parse_host_overrides
-    from gateway.policy.model import Destination, Principal, Request
-    from gateway.resolver import HostError, Resolver, normalise_host
+    from gateway.config import ConfigError, parse_host_overrides
+    from gateway.policytools.ptest import CaseError, build_case
 
     ps = _load_policies(args.policies, args.engine)
-    u = urlsplit(args.url)
-    if not u.scheme or not u.hostname:
-        raise CliError(f"URL must be absolute (scheme://host/...), got {args.url!r}")
-    try:
-        host = normalise_host(u.hostname)
-        port = u.port or (443 if u.scheme in ("https", "wss") else 80)
-    except (HostError, ValueError) as e:
-        raise CliError(f"bad URL host: {e}") from None
-    principal = Principal.make(args.tenant, args.agent, args.session or "", dict(args.label or []))
-    headers = {"host": u.netloc.rpartition("@")[2]}
+    headers = {}
     for h in args.header or []:
         k, _, v = h.partition(":")
         headers[k.strip().lower()] = v.strip()
-    req = Request(host=host, port=port, scheme=u.scheme, method=args.method.upper(), path=u.path or "/",
-                  query=u.query, headers=headers, sni=host if u.scheme in ("https", "wss") else "")
-    resolver = Resolver(parse_host_overrides(args.host) if args.host else None)
-    if args.address:
-        try:
-            dest = Destination(tuple(classify(a) for a in args.address), via="given")
-        except ValueError as e:
-            raise CliError(f"--address: {e}") from None
-    else:
-        dest = resolver.resolve_static(host)
-        if dest is None:
-            import asyncio
-            dest = asyncio.run(resolver.resolve(host, port))
+    try:
+        hosts = parse_host_overrides(args.host) if args.host else None
+        principal, req, dest = build_case(
+            {"tenant": args.tenant, "agent": args.agent, "session": args.session or "",
+             "labels": dict(args.label or [])},
+            {"method": args.method, "url": args.url, "headers": headers},
+            args.address or None, hosts, resolve_dns=True, strict=False)
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+    except CaseError as e:
+        raise CliError(f"--address: {e.message}" if e.field == "addresses" else e.message) from None
     d = ps.decide(principal, req, dest)
     out = d.to_dict()
     out["applicable_policies"] = ps.applicable(principal)
@@ -733,7 +707,7 @@ an invalid set is rejected and the last good one stays in force.""")
 
     # policy
     pol = sub.add_parser("policy", help="check policies and explain decisions").add_subparsers(
-        dest="cmd", metavar="{check,decide,reload}")
+        dest="cmd", metavar="{check,decide,reload,test,explain,lint,replay}")
     pol.required = True
     c = pol.add_parser("check", help="compile every policy file; report problems with file:line:column")
     c.add_argument("directory", nargs="?", default=str(Path(__file__).resolve().parent.parent / "policies" / "default"))
@@ -760,6 +734,8 @@ exit status: 0 allowed, 1 denied""")
     rl = pol.add_parser("reload", help="ask the running gateway to reload its policies now")
     admin(rl)
     rl.set_defaults(func=cmd_reload)
+    from gateway.policytools import register_all
+    register_all(pol, fmt)
     return p
 
 

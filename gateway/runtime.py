@@ -118,6 +118,7 @@ class Gateway:
         self._principal_frags: dict[Principal, str] = {}
         self._dest_frags: dict[int, tuple[Destination, str]] = {}
         self._decision_frags: dict[int, tuple[Decision, str]] = {}
+        self._fingerprints: dict[str, str] = {}  # policy_version -> policy fingerprint
         self._request_frags: dict[tuple, tuple[str, str]] = {}
         self._secret_frags: dict[tuple, str] = {}
 
@@ -185,17 +186,29 @@ class Gateway:
     def load_policies(self) -> None:
         """Initial load; raises PolicyLoadError (the gateway must not start)."""
         ps = self.store.load_initial()
+        self._remember_fingerprint(ps)
         self.metrics.set_policy(ps.version, ps.rule_count)
         self.metrics.reloads.labels("success", "startup").inc()
         self.audit.write({"event": "policy_loaded", "policy_version": ps.version,
-                          "rules": ps.rule_count, "trigger": "startup"})
+                          "policy_fingerprint": ps.fingerprint, "rules": ps.rule_count, "trigger": "startup"})
+
+    def _remember_fingerprint(self, ps) -> None:
+        """policy_version -> fingerprint, for the decision events of that set (and of
+        the previous ones still finishing requests)."""
+        if len(self._fingerprints) >= 64:
+            self._fingerprints.clear()
+        self._fingerprints[ps.version] = ps.fingerprint
 
     def _on_reload(self, r: ReloadResult) -> None:
         self.metrics.reloads.labels("success" if r.ok else "failure", r.trigger).inc()
+        fp = ""
         if r.ok:
-            self.metrics.set_policy(r.version, self.store.current.rule_count)
+            cur = self.store.current
+            self.metrics.set_policy(r.version, cur.rule_count)
+            self._remember_fingerprint(cur)
+            fp = cur.fingerprint
         self.audit.write({"event": "policy_reload", "ok": r.ok, "changed": r.changed,
-                          "policy_version": r.version, "trigger": r.trigger,
+                          "policy_version": r.version, "policy_fingerprint": fp, "trigger": r.trigger,
                           "problems": list(r.problems)[:20]})
 
     def reload(self, trigger: str = "manual") -> ReloadResult:
@@ -278,6 +291,9 @@ class Gateway:
         parts = ['"decision":', _esc(d.action), ',"code":', _esc(d.code), ',"rule":',
                  "null" if d.rule is None else _esc(d.rule), ',"reason":', _esc(d.reason),
                  ',"policy_version":', _esc(d.policy_version), ","]
+        fp = self._fingerprints.get(d.policy_version)
+        if fp:
+            parts += ['"policy_fingerprint":', _esc(fp), ","]
         if d.dial:
             parts += ['"dial":', _esc(d.dial), ","]
         if d.shadow is not None:

@@ -150,11 +150,16 @@ TYPICAL = {
 
 
 def bundle_expressions() -> list[str]:
+    """Every selector and condition of the default bundle and of the cookbook."""
+    from gateway.policy.loader import policy_files
+    dirs = [REPO / "policies" / "default",
+            *sorted(p for p in (REPO / "policies" / "cookbook").iterdir() if p.is_dir())]
     out = []
-    for path in sorted((REPO / "policies" / "default").glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            out.append(str(doc["selector"]))
-            out.extend(str(r["when"]) for r in doc["rules"])
+    for d in dirs:
+        for path in policy_files(d):
+            for doc in yaml.safe_load_all(path.read_text()):
+                out.append(str(doc["selector"]))
+                out.extend(str(r["when"]) for r in doc["rules"])
     return out
 
 
@@ -268,7 +273,7 @@ KNOWN_DIFFERENCES = [
 @pytest.mark.parametrize("source", bundle_expressions())
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(variables())
-def test_engines_agree_on_the_default_bundle(source, variables):
+def test_engines_agree_on_the_bundle_and_the_cookbook(source, variables):
     rust, py = both(source, variables)
     assert rust == py
     assert rust[0] == "value" and rust[1][0] == "bool"  # policies in the bundle never error

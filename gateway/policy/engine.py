@@ -203,6 +203,8 @@ class PolicySet:
     def __init__(self, policies: list[CompiledPolicy], version: str, engine, files=()):
         self.policies = policies
         self.version = version
+        self.fingerprint = ""  # gateway.policy.canonical: set by the loader
+        self.policy_fingerprints: dict[str, str] = {}
         self.engine = engine
         self.files = list(files)
         self._principal_cache: dict[Principal, _PrincipalPlan] = {}
@@ -415,6 +417,20 @@ class PolicySet:
             return ssrf
         return allow.get_outcome()
 
+    # -- explain (offline tooling; never on the request path) ------------------
+
+    def explain(self, principal: Principal, request: Request, destination: Destination) -> "Trace":
+        """Every policy and rule considered for one request, each expression's
+        value (or error), the destination checks and why the winner won.
+
+        Uses the same plan, route, activation and precedence (``_outcome``) as
+        ``decide``, and evaluates every candidate rule (even those ``decide``
+        skips once the outcome is known). ``Trace.decision`` is
+        ``decide(...)``'s own Decision; the trace's independently derived
+        outcome is checked against it and any difference is listed in
+        ``Trace.mismatches`` (and logged as an error). See ``explain_request``."""
+        return explain_request(self, principal, request, destination)
+
     # -- CONNECT pre-check ----------------------------------------------------
 
     def could_allow(self, principal: Principal, host: str, destination: Destination) -> Outcome | None:
@@ -462,3 +478,531 @@ def _dial_address(rule: CompiledRule, destination: Destination) -> str | None:
 def empty_policy_set(engine=None, reason: str = "no policies loaded") -> PolicySet:
     """A set that denies everything (used before the first successful load)."""
     return PolicySet([], version="none", engine=engine or celexpr.RustEngine())
+
+
+# ---------------------------------------------------------------------------
+# explain: what decide does, shown step by step (offline tooling only)
+
+EXPLAIN_DOC = "docs/policy-language.md 'How a request is decided'"
+
+
+@dataclass
+class TermTrace:
+    """One top-level ``&&``/``||`` term of a ``when``, evaluated on its own
+    with the same engine and input (CEL is pure, so the value is the one the
+    term has inside the whole expression)."""
+
+    text: str
+    value: Any = None
+    error: str | None = None
+
+
+@dataclass
+class RuleTrace:
+    id: str  # policy/rule
+    policy: str
+    name: str
+    action: str
+    when: str
+    line: int
+    shadow: bool
+    # evaluated | not_candidate | selector_failed | policy_not_applicable
+    status: str
+    note: str = ""
+    value: Any = None  # the when's value (evaluated rules)
+    error: str | None = None  # the evaluation error (fails closed for deny rules)
+    matched: bool | None = None  # after the fail-closed rule; None: not evaluated
+    op: str = ""  # "&&" or "||" when ``terms`` is filled
+    terms: list[TermTrace] = field(default_factory=list)
+    gateway_evaluates: bool = False  # whether PolicySet.decide runs this expression
+    role: str = ""  # what this rule did to the outcome (winner, overridden...)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"id": self.id, "policy": self.policy, "rule": self.name, "action": self.action,
+             "mode": "shadow" if self.shadow else "enforce", "when": self.when, "line": self.line,
+             "status": self.status}
+        if self.note:
+            d["note"] = self.note
+        if self.status == "evaluated":
+            d["value"] = _plain(self.value)
+            d["error"] = self.error
+            d["matched"] = self.matched
+            d["gateway_evaluates"] = self.gateway_evaluates
+            if self.terms:
+                d["op"] = self.op
+                d["terms"] = [{"text": t.text, "value": _plain(t.value), "error": t.error} for t in self.terms]
+        if self.role:
+            d["role"] = self.role
+        return d
+
+
+@dataclass
+class PolicyTrace:
+    name: str
+    file: str
+    line: int
+    mode: str  # enforce | shadow
+    selector: str
+    selector_value: Any
+    selector_error: str | None
+    applicable: bool
+    why: str
+    rules: list[RuleTrace] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "file": self.file, "line": self.line, "mode": self.mode,
+                "selector": self.selector, "selector_value": _plain(self.selector_value),
+                "selector_error": self.selector_error, "applicable": self.applicable, "why": self.why,
+                "rules": [r.to_dict() for r in self.rules]}
+
+
+@dataclass
+class AddressTrace:
+    address: str
+    klass: str
+    internal: bool
+    embedded: str = ""  # the embedded IPv4 address that decided the class, if any
+    covered: bool | None = None  # by the winning allow rule's allow_internal (None: not checked)
+    covered_by: list[str] = field(default_factory=list)  # the ranges that cover it
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"address": self.address, "class": self.klass, "internal": self.internal}
+        if self.embedded:
+            d["embedded"] = self.embedded
+        if self.covered is not None:
+            d["covered"] = self.covered
+            d["covered_by"] = list(self.covered_by)
+        return d
+
+
+@dataclass
+class Trace:
+    """The result of ``PolicySet.explain``: see ``Trace.to_dict`` for the JSON form."""
+
+    policy_version: str
+    engine: str
+    principal: dict[str, Any]
+    request: dict[str, Any]
+    now: str
+    destination: dict[str, Any]
+    addresses: list[AddressTrace]
+    policies: list[PolicyTrace]
+    decision: Decision  # PolicySet.decide's own result
+    winner: str | None  # the rule that decided (enforcing deny, or the first allow), None: default deny
+    why: list[str]
+    checks: list[str]  # the destination checks, in words
+    shadow_why: list[str]
+    inject: dict[str, Any] | None  # the winning allow rule's secret references (names only)
+    mismatches: list[str]  # explain's own derivation vs decide: must stay empty
+
+    @property
+    def consistent(self) -> bool:
+        return not self.mismatches
+
+    def rules(self) -> list[RuleTrace]:
+        return [r for p in self.policies for r in p.rules]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.decision
+        decision = d.to_dict()
+        decision["dial"] = d.dial
+        decision["evaluated"] = d.evaluated
+        return {
+            "policy_version": self.policy_version,
+            "engine": self.engine,
+            "principal": self.principal,
+            "request": self.request,
+            "now": self.now,
+            "destination": {**self.destination, "addresses": [a.to_dict() for a in self.addresses]},
+            "policies": [p.to_dict() for p in self.policies],
+            "decision": decision,
+            "winner": self.winner,
+            "why": list(self.why),
+            "destination_checks": list(self.checks),
+            "shadow_why": list(self.shadow_why),
+            "inject": self.inject,
+            "consistent": self.consistent,
+            "mismatches": list(self.mismatches),
+        }
+
+
+def _plain(value: Any) -> Any:
+    """A CEL result as a JSON-able value."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(_plain(k)): _plain(v) for k, v in value.items()}
+    if isinstance(value, (_dt.datetime, _dt.date)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return repr(value)
+    return str(value)
+
+
+def _constraint_text(path: str, c: celexpr.Constraint | None) -> str:
+    if c is None:
+        return ""
+    parts = []
+    if c.exact:
+        vals = sorted(c.exact)
+        parts.append(f"{path} == {vals[0]!r}" if len(vals) == 1 else f"{path} in {vals}")
+    for s in sorted(c.suffixes):
+        parts.append(f"{path}.endsWith({s!r})")
+    return " or ".join(parts)
+
+
+def _evaluate(expr, act) -> tuple[Any, str | None]:
+    try:
+        return expr.evaluate(act), None
+    except celexpr.CelEvalError as e:
+        return None, str(e)
+
+
+def _term_programs(ps: PolicySet, rule: CompiledRule) -> tuple[str, list]:
+    """The top-level ``&&`` (else ``||``) terms of a rule's ``when``, each
+    compiled on its own with the set's engine: (op, [(text, expr)]). Cached on
+    the set; empty when the expression has a single term."""
+    cache = ps.__dict__.setdefault("_explain_terms", {})
+    hit = cache.get(id(rule))
+    if hit is not None and hit[0] is rule:
+        return hit[1], hit[2]
+    op, out = "", []
+    source = getattr(rule.when, "source", None)
+    if isinstance(source, str) and rule.tree is not None:
+        for op_name, split in (("&&", celexpr._conjuncts), ("||", celexpr._disjuncts)):
+            nodes = split(rule.tree)
+            if len(nodes) < 2:
+                continue
+            terms = []
+            for node in nodes:
+                meta = getattr(node, "meta", None)
+                if meta is None or getattr(meta, "empty", True):
+                    terms = []
+                    break
+                text = source[meta.start_pos:meta.end_pos]
+                try:
+                    terms.append((text, ps.engine.compile(text)))
+                except celexpr.CelCompileError:
+                    terms = []
+                    break
+            if terms:
+                op, out = op_name, terms
+            break
+    cache[id(rule)] = (rule, op, out)
+    return op, out
+
+
+def _address_trace(c, rule: CompiledRule | None) -> AddressTrace:
+    effective = getattr(c, "effective", c.address)
+    a = AddressTrace(c.text, c.klass.value, c.internal,
+                     embedded=str(effective) if effective != c.address else "")
+    if rule is not None:
+        nets = [n for n in rule.allow_internal
+                if (n.version == c.address.version and c.address in n)
+                or (effective != c.address and n.version == effective.version and effective in n)]
+        a.covered_by = [str(n) for n in nets]
+        a.covered = rule.covers_destination(c) if c.internal else None
+    return a
+
+
+def _ids(rules) -> str:
+    return ", ".join(r.id for r in rules)
+
+
+def explain_request(ps: PolicySet, principal: Principal, request: Request, destination: Destination) -> Trace:
+    """PolicySet.explain (see there)."""
+    import dataclasses
+    import logging
+
+    if request.at is None:  # fix `now` so that decide and the trace see the same instant
+        request = dataclasses.replace(request, at=_dt.datetime.now(_dt.timezone.utc))
+    decision = ps.decide(principal, request, destination)
+    plan = ps._plan(principal)
+    host = request.host
+    route = ps._route(plan, host)
+    mismatches: list[str] = []
+    in_plan = {id(p): ok for p, ok in plan.policies}
+    tenant_candidates = set(ps._by_tenant.get(principal.tenant, ())) | set(ps._any_tenant)
+    selector_act = ps.engine.activation({"principal": principal.to_cel()})
+    act = None
+    policies: list[PolicyTrace] = []
+    evaluated: list[tuple[RuleTrace, CompiledRule, bool]] = []
+    selector_notes: list[str] = []
+
+    for pi, pol in enumerate(ps.policies):
+        value, error = _evaluate(pol.selector, selector_act)
+        if error is None and not isinstance(value, bool):
+            error = f"selector must be a bool, got {type(value).__name__}"
+        selector_ok = None
+        if pi not in tenant_candidates:
+            applicable = False
+            pinned = _constraint_text("principal.tenant", celexpr.constraint_on(pol.selector_tree, TENANT_PATH))
+            why = f"not a candidate for tenant {principal.tenant!r} (its selector requires {pinned})"
+            if value is True:
+                mismatches.append(f"policy {pol.name}: the tenant index excluded it but its selector is true")
+        elif id(pol) in in_plan:
+            applicable = True
+            selector_ok = in_plan[id(pol)]
+            if selector_ok:
+                why = "selector is true"
+            else:
+                why = f"selector failed ({error}): only its deny rules apply (fail closed)"
+                if any(r.action != DENY for r in pol.rules):
+                    selector_notes.append(f"policy {pol.name}: the selector failed, so its allow rules were "
+                                          "not applied")
+            if selector_ok != (error is None and value is True):
+                mismatches.append(f"policy {pol.name}: selector value {value!r}/{error} but decide's plan "
+                                  f"has selector_ok={selector_ok}")
+        else:
+            applicable = False
+            why = "selector is false"
+            if value is not False:
+                mismatches.append(f"policy {pol.name}: selector value {value!r}/{error} but decide's plan "
+                                  "left the policy out")
+        pt = PolicyTrace(pol.name, pol.file, pol.line, pol.mode, getattr(pol.selector, "source", ""),
+                         value, error, applicable, why)
+        candidates = set(pol.candidates(host)) if applicable else set()
+        for i, rule in enumerate(pol.rules):
+            rt = RuleTrace(rule.id, pol.name, rule.name, rule.action, getattr(rule.when, "source", ""),
+                           rule.line, pol.shadow, "evaluated")
+            pt.rules.append(rt)
+            if not applicable:
+                rt.status = "policy_not_applicable"
+                rt.note = "the policy does not apply to this principal"
+                continue
+            if not selector_ok and rule.action != DENY:
+                rt.status = "selector_failed"
+                rt.note = "not applied: the policy's selector failed, so only its deny rules apply"
+                continue
+            if i not in candidates:
+                rt.status = "not_candidate"
+                pinned = _constraint_text("request.host", rule.host)
+                rt.note = f"not a candidate for host {host}" + (f" (its when requires {pinned})" if pinned else "")
+                continue
+            if act is None:
+                act = ps._activation(plan, route, request, destination)
+            value, error = _evaluate(rule.when, act)
+            if error is None and not isinstance(value, bool):
+                error = f"when must be a bool, got {type(value).__name__}"
+            rt.value, rt.error = value, error
+            rt.matched = value if error is None else rule.action == DENY  # fail closed
+            if error is not None:
+                rt.note = ("the error counts as a match (deny rules fail closed)" if rule.action == DENY
+                           else "the error counts as no match")
+            op, terms = _term_programs(ps, rule)
+            if terms:
+                rt.op = op
+                for text, expr in terms:
+                    tv, te = _evaluate(expr, act)
+                    rt.terms.append(TermTrace(text, tv, te))
+            evaluated.append((rt, rule, pol.shadow))
+        policies.append(pt)
+
+    if [(id(r), s) for _, r, s in evaluated] != [(id(r), s) for r, s in route.rules]:
+        mismatches.append("the rules explain evaluated differ from decide's route for this host: "
+                          f"[{_ids(r for _, r, _ in evaluated)}] vs [{_ids(r for r, _ in route.rules)}]")
+
+    # The documented precedence, from every value.
+    def first(action: str, shadow_too: bool):
+        for rt, rule, shadow in evaluated:
+            if rt.matched and rule.action == action and (shadow_too or not shadow):
+                return rule
+        return None
+
+    enf_deny, enf_allow = first(DENY, False), first(ALLOW, False)
+    any_deny, any_allow = first(DENY, True), first(ALLOW, True)
+
+    # Which expressions decide itself runs (it stops once the outcome is known).
+    errors = list(plan.errors)
+    count = 0
+    e_deny = e_allow = a_deny = a_allow = None
+    has_shadow = plan.has_shadow
+    for rt, rule, shadow in evaluated:
+        is_deny = rule.action == DENY
+        if is_deny:
+            if (a_deny if shadow else e_deny) is not None:
+                continue
+        else:
+            shadow_open = has_shadow and a_deny is None and a_allow is None
+            if shadow:
+                if not shadow_open:
+                    continue
+            elif (e_deny is not None or e_allow is not None) and not shadow_open:
+                continue
+        count += 1
+        rt.gateway_evaluates = True
+        if rt.error is not None:
+            errors.append(f"{rule.id}: {rt.error}")
+        if not rt.matched:
+            continue
+        if is_deny:
+            if a_deny is None:
+                a_deny = rule
+            if not shadow:
+                e_deny = rule
+                if not has_shadow:
+                    break
+        else:
+            if a_allow is None:
+                a_allow = rule
+            if not shadow and e_allow is None:
+                e_allow = rule
+    for rt, _, _ in evaluated:
+        if not rt.gateway_evaluates:
+            rt.note = (rt.note + "; " if rt.note else "") + \
+                "decide does not run it: an earlier rule already fixed the outcome"
+    if e_deny is not enf_deny or (enf_deny is None and e_allow is not enf_allow):
+        mismatches.append("decide's evaluation order picks a different enforcing winner than the documented "
+                          "precedence")
+    if has_shadow and (a_deny is not any_deny or (any_deny is None and a_allow is not any_allow)):
+        mismatches.append("decide's evaluation order picks a different shadow winner than the documented "
+                          "precedence")
+
+    enforced = ps._outcome(enf_deny, enf_allow, destination)
+    shadow_outcome = ps._outcome(any_deny, any_allow, destination) if has_shadow else None
+    dial = _dial_address(enf_allow, destination) if enforced.action == ALLOW else None
+    inject_obj = enf_allow.inject if dial is not None else None
+
+    def cmp(what: str, mine, theirs) -> None:
+        if mine != theirs:
+            mismatches.append(f"{what}: explain {mine!r} != decide {theirs!r}")
+
+    d = decision
+    cmp("decision", (enforced.action, enforced.code, enforced.rule, enforced.reason),
+        (d.action, d.code, d.rule, d.reason))
+    cmp("policy version", ps.version, d.policy_version)
+    cmp("dial", dial, d.dial)
+    sh = None if shadow_outcome is None else (shadow_outcome.action, shadow_outcome.code, shadow_outcome.rule,
+                                              shadow_outcome.reason)
+    dsh = None if d.shadow is None else (d.shadow.action, d.shadow.code, d.shadow.rule, d.shadow.reason)
+    cmp("shadow outcome", sh, dsh)
+    cmp("errors", tuple(errors), tuple(d.errors))
+    cmp("expressions evaluated", count, d.evaluated)
+    if inject_obj is not d.inject:
+        mismatches.append("injection: explain and decide name different rules' injections")
+
+    # Roles.
+    by_rule = {id(rule): rt for rt, rule, _ in evaluated}
+    for rt, rule, shadow in evaluated:
+        if not rt.matched:
+            continue
+        if shadow:
+            rt.role = "matched (shadow policy: does not decide)"
+        elif rule is enf_deny:
+            rt.role = "WINNER: first matching enforcing deny"
+        elif rule.action == DENY:
+            rt.role = f"matched; the first deny {enf_deny.id} is the recorded one"
+        elif enf_deny is not None:
+            rt.role = f"matched, overridden by the enforcing deny {enf_deny.id}"
+        elif rule is enf_allow:
+            rt.role = "WINNER: first matching allow" if enforced.action == ALLOW else \
+                f"won the rules, but the destination check denied ({enforced.code})"
+        else:
+            rt.role = f"matched; the earlier allow {enf_allow.id} won (first match wins)"
+    if has_shadow:
+        for rule in (any_deny, any_allow if any_deny is None else None):
+            if rule is not None:
+                rt = by_rule[id(rule)]
+                rt.role = (rt.role + "; " if rt.role else "") + "decides the shadow outcome"
+
+    # Why, in words.
+    why: list[str] = []
+    winner = None
+    if enf_deny is not None:
+        winner = enf_deny.id
+        rt = by_rule[id(enf_deny)]
+        why.append(f"enforcing deny rules win over allows ({EXPLAIN_DOC}); first matching deny in file order "
+                   f"is {enf_deny.id}")
+        if rt.error is not None:
+            why.append(f"{enf_deny.id} matched because its when failed ({rt.error}): deny rules fail closed")
+        beaten = [r for rt2, r, s in evaluated if rt2.matched and not s and r.action == ALLOW]
+        if beaten:
+            why.append(f"it beats the matching allow rule(s) {_ids(beaten)}")
+        why.append("a deny is decided before the destination checks (DNS, SSRF), which are not applied")
+    elif enf_allow is not None:
+        winner = enf_allow.id
+        why.append(f"no enforcing deny rule matched; first matching allow in order is {enf_allow.id}")
+        later = [r for rt2, r, s in evaluated if rt2.matched and not s and r.action == ALLOW and r is not enf_allow]
+        if later:
+            why.append(f"later matching allow rule(s) {_ids(later)} do not count (first match wins)")
+        if enforced.action == ALLOW:
+            why.append(f"the destination checks passed: allowed, dial {dial}")
+        else:
+            why.append(f"but the destination check failed: {enforced.reason} ({enforced.code})")
+    else:
+        why.append("no rule matched: default deny")
+        failed = [r for rt2, r, s in evaluated if rt2.error is not None and r.action == ALLOW and not s]
+        if failed:
+            why.append(f"allow rule(s) whose when failed count as no match: {_ids(failed)}")
+        shadow_only = [r for rt2, r, s in evaluated if rt2.matched and s]
+        if shadow_only:
+            why.append(f"matching rules of shadow policies do not decide: {_ids(shadow_only)}")
+        if not plan.policies:
+            why.append("no policy applies to this principal")
+    why.extend(selector_notes)
+
+    # Destination checks.
+    checks: list[str] = []
+    allow_for_checks = enf_allow if enf_deny is None else None
+    addresses = [_address_trace(c, allow_for_checks) for c in destination.addresses]
+    if allow_for_checks is None:
+        checks.append("not applied: no allow rule won (a deny beats DNS failures and the SSRF guard)")
+    else:
+        r = allow_for_checks
+        if destination.error:
+            checks.append(f"dns: the host did not resolve: {destination.error} -> dns_failure")
+        elif not destination.addresses:
+            checks.append("dns: the host resolved to no address -> dns_failure")
+        else:
+            checks.append(f"dns: resolved to {', '.join(a.address for a in addresses)} (via {destination.via})")
+            ai = [str(n) for n in r.allow_internal]
+            for a in addresses:
+                if not a.internal:
+                    checks.append(f"ssrf: {a.address} is {a.klass}: no cover needed")
+                elif a.covered:
+                    checks.append(f"ssrf: {a.address} is {a.klass.replace('_', ' ')}"
+                                  + (f" (embeds {a.embedded})" if a.embedded else "")
+                                  + f": covered by {r.id} allow_internal {', '.join(a.covered_by)}")
+                else:
+                    checks.append(f"ssrf: {a.address} is {a.klass.replace('_', ' ')}"
+                                  + (f" (embeds {a.embedded})" if a.embedded else "")
+                                  + f": NOT covered by {r.id} allow_internal {ai or '(none)'} -> ssrf_blocked")
+            if dial is not None:
+                checks.append(f"dial: {dial} (the first checked address; the name is not resolved again)")
+
+    shadow_why: list[str] = []
+    if shadow_outcome is not None:
+        if any_deny is not None:
+            shadow_why.append(f"had every applicable policy been enforcing: first matching deny is {any_deny.id}")
+        elif any_allow is not None:
+            shadow_why.append(f"had every applicable policy been enforcing: first matching allow is {any_allow.id}"
+                              + ("" if shadow_outcome.action == ALLOW
+                                 else f", but the destination check denied ({shadow_outcome.code})"))
+        else:
+            shadow_why.append("had every applicable policy been enforcing: no rule matched (default deny)")
+        if shadow_outcome.action != enforced.action or shadow_outcome.rule != enforced.rule:
+            shadow_why.append(f"the shadow outcome differs from the enforced one ({enforced.action} by "
+                              f"{enforced.rule or 'default deny'})")
+
+    inject = None
+    if enf_deny is None and enf_allow is not None and enf_allow.inject is not None:
+        inj = enf_allow.inject
+        inject = {"rule": enf_allow.id, "applied": dial is not None,
+                  "headers": {name: [str(ref) for ref in t.refs] for name, t in inj.headers},
+                  "placeholders": {alias: str(ref) for alias, ref in inj.placeholders},
+                  "allow_plaintext": inj.allow_plaintext}
+
+    dest = {"ips": [c.text for c in destination.addresses],
+            "classes": [c.klass.value for c in destination.addresses],
+            "error": destination.error, "via": destination.via}
+    req = request.to_cel()
+    trace = Trace(ps.version, getattr(ps.engine, "name", type(ps.engine).__name__), principal.to_cel(), req,
+                  request.at.isoformat(), dest, addresses, policies, decision, winner, why, checks, shadow_why,
+                  inject, mismatches)
+    if mismatches:
+        logging.getLogger("egress.policy").error(
+            "EXPLAIN DISAGREES WITH DECIDE (an engine bug; the decision shown is decide's): %s",
+            "; ".join(mismatches))
+    return trace

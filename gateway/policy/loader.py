@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from gateway import celexpr
+from gateway.policy.canonical import canonical_policy, fingerprint_of
 from gateway.policy.engine import CompiledPolicy, CompiledRule, PolicySet
 
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -103,8 +104,25 @@ def compile_sources(sources: list[tuple[str, str]], engine=None) -> PolicySet:
             policies.append(pol)
     if problems:
         raise PolicyLoadError(problems)
-    return PolicySet(policies, version=version_of(sources), engine=engine,
-                     files=[n for n, _ in sources])
+    ps = PolicySet(policies, version=version_of(sources), engine=engine, files=[n for n, _ in sources])
+    ps.fingerprint, ps.policy_fingerprints = fingerprints(sources)
+    return ps
+
+
+def canonical_documents(sources: list[tuple[str, str]]) -> list[dict]:
+    """Every policy of the (already valid) sources in canonical form, in set order."""
+    out = []
+    for _name, text in sources:
+        for doc in yaml.safe_load_all(text):
+            if isinstance(doc, dict):
+                out.append(canonical_policy(doc))
+    return out
+
+
+def fingerprints(sources: list[tuple[str, str]]) -> tuple[str, dict[str, str]]:
+    """The set's fingerprint and each policy's (gateway.policy.canonical)."""
+    docs = canonical_documents(sources)
+    return fingerprint_of(docs), {str(d["name"]): fingerprint_of([d]) for d in docs}
 
 
 # ---------------------------------------------------------------------------
