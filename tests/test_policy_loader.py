@@ -86,6 +86,15 @@ def test_invalid_yaml():
     assert p.message.startswith("invalid YAML") and p.line == text.count("\n") + 1  # at the end of the stream
 
 
+@pytest.mark.parametrize("tagged", ['selector: !foo "true"', "selector: !!python/name:os.system ''"])
+def test_a_tag_yaml_cannot_construct_is_a_positioned_problem_not_a_crash(tagged):
+    text = GOOD.replace(GOOD[GOOD.index("selector:"):GOOD.index("\n", GOOD.index("selector:"))], tagged)
+    assert tagged in text
+    p = one_problem(text)
+    assert p.message.startswith("invalid YAML") and "constructor" in p.message
+    assert (p.line, p.column) == at(text, "!")
+
+
 @pytest.mark.parametrize("text,needle,what", [
     (GOOD.replace("selector:", "selectr:"), "selectr", "policy"),
     (GOOD + "    whne: 'true'\n", "whne", "rule"),

@@ -105,7 +105,11 @@ def compile_sources(sources: list[tuple[str, str]], engine=None) -> PolicySet:
     if problems:
         raise PolicyLoadError(problems)
     ps = PolicySet(policies, version=version_of(sources), engine=engine, files=[n for n, _ in sources])
-    ps.fingerprint, ps.policy_fingerprints = fingerprints(sources)
+    try:
+        ps.fingerprint, ps.policy_fingerprints = fingerprints(sources)
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError) as e:  # pragma: no cover - loaded above
+        raise PolicyLoadError([Problem(sources[0][0] if sources else "", 0, 0,
+                                       f"cannot compute the policy fingerprint: {e}")]) from None
     return ps
 
 
@@ -151,7 +155,13 @@ def _load_file(name: str, text: str, engine, problems: list[Problem]) -> list[Co
     for doc in docs:
         if doc is None:
             continue
-        pol = _load_policy(name, doc, lines, engine, problems)
+        try:
+            pol = _load_policy(name, doc, lines, engine, problems)
+        except yaml.YAMLError as e:  # e.g. a tag SafeLoader cannot construct (!foo "x")
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            problems.append(Problem(name, mark.line + 1 if mark else 1, mark.column + 1 if mark else 1,
+                                    f"invalid YAML: {getattr(e, 'problem', None) or e}"))
+            continue
         if pol is not None:
             out.append(pol)
     return out
