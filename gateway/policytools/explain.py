@@ -340,6 +340,18 @@ class _Style:
     def win(self, s): return f"\x1b[1;7m {s} \x1b[0m" if self.on else f"<== {s}"
 
 
+def _marked(s, value, error, *, other: str | None = None) -> tuple[str, str]:
+    """(mark, shown value) of an evaluated expression: error, true, or anything else
+    (``other``: the mark for a value that is neither true nor false)."""
+    if error is not None:
+        return s.yellow(MARK_ERROR), s.yellow(f"error: {error}")
+    if value is True:
+        return s.green(MARK_TRUE), "true"
+    if other is not None and value is not False:
+        return other, _val(value)
+    return s.dim(MARK_FALSE), _val(value)
+
+
 def _val(v: Any) -> str:
     if v is True:
         return "true"
@@ -416,12 +428,7 @@ def render_text(trace, record: dict | None = None, *, color: bool = False) -> st
     w(s.bold("Policies") + " (file order; rules in order)")
     width = max([len(pt.name) for pt in trace.policies] + [4])
     for pt in trace.policies:
-        if pt.selector_error is not None:
-            mark, sv = s.yellow(MARK_ERROR), s.yellow(f"error: {pt.selector_error}")
-        elif pt.selector_value is True:
-            mark, sv = s.green(MARK_TRUE), "true"
-        else:
-            mark, sv = s.dim(MARK_FALSE), _val(pt.selector_value)
+        mark, sv = _marked(s, pt.selector_value, pt.selector_error)
         head = f"  {mark} {pt.name:<{width}}  {pt.mode:<7}  {pt.file}:{pt.line}"
         w(head if pt.applicable else s.dim(head))
         w(f"      selector  {_indent_expr(pt.selector, ' ' * 16)}  -> {sv}")
@@ -496,12 +503,7 @@ def _render_rule(w, s: _Style, r, width: int, trace) -> None:
     w(line)
     w(f"{pad}when {_indent_expr(r.when, pad + '     ')}")
     for t in r.terms:
-        if t.error is not None:
-            tm, tv = s.yellow(MARK_ERROR), s.yellow(f"error: {t.error}")
-        elif t.value is True:
-            tm, tv = s.green(MARK_TRUE), "true"
-        else:
-            tm, tv = s.dim(MARK_FALSE) if t.value is False else "?", _val(t.value)
+        tm, tv = _marked(s, t.value, t.error, other="?")
         w(f"{pad}  {r.op} {tm} {_indent_expr(t.text, pad + '       ')}  -> {tv}")
     notes = [n for n in r.note.split("; ") if n] if r.note else []
     for n in notes:
