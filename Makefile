@@ -34,6 +34,7 @@ bench: venv
 	$(PY) benchmarks/bench_gateway.py
 	$(PY) benchmarks/bench_inject.py
 	$(PY) benchmarks/bench_audit.py
+	$(PY) benchmarks/bench_sandbox_isolate.py
 
 clean:
 	rm -rf $(VENV) $(STATE_DIR)

@@ -105,12 +105,15 @@ def audit_text(state_dir: Path) -> str:
 def start_gateway(tmp: Path, policies: Path, *, hosts: dict[str, str] | None = None,
                   upstream_ca: Sequence[Path] = (), extra_args: Sequence[str] = (),
                   transparent: tuple[str, int] | None = None, name: str = "gateway",
-                  config: dict | None = None, timeout: float = 30) -> GatewayProc:
+                  config: dict | None = None, timeout: float = 30, listen_host: str = "127.0.0.1",
+                  proxy_port: int | None = None) -> GatewayProc:
+    """The real gateway, explicit mode on ``listen_host:proxy_port`` (default: loopback, a
+    free port), optionally also transparent; the admin API always on loopback."""
     tmp = Path(tmp)
     state = tmp / f"{name}-state"
-    proxy_port, admin_port = free_port(), free_port()
+    proxy_port, admin_port = proxy_port or free_port(), free_port()
     args = [sys.executable, "-m", "gateway.cli", "gateway", "run",
-            "--listen", f"127.0.0.1:{proxy_port}", "--admin", f"127.0.0.1:{admin_port}",
+            "--listen", f"{listen_host}:{proxy_port}", "--admin", f"127.0.0.1:{admin_port}",
             "--policies", str(policies), "--state-dir", str(state), "--mode", "explicit"]
     if transparent:
         args += ["--mode", f"transparent@{transparent[0]}:{transparent[1]}"]
@@ -136,7 +139,7 @@ def start_gateway(tmp: Path, policies: Path, *, hosts: dict[str, str] | None = N
         try:
             status, _ = gw.admin("GET", "/readyz", auth=False)
             if status == 200:
-                wait_for_port("127.0.0.1", proxy_port, timeout=5)
+                wait_for_port(listen_host, proxy_port, timeout=5)
                 return gw
         except OSError:
             pass

@@ -1,0 +1,1 @@
+"""Sandbox tiers behind one interface (sandboxd.tiers.base.Backend)."""
