@@ -70,10 +70,12 @@ import ssl
 import stat
 import time
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Mapping
 
 from .base import Backend, Egress, ExecResult, OutputCallback, SandboxSpec, TierError
+from .paths import rel_parts as _rel_parts
+from .paths import rmtree as _rmtree
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 _METHOD_RE = re.compile(r"^[A-Za-z]{1,16}$")
@@ -912,17 +914,6 @@ def _oserr(e: OSError) -> str:
     return e.strerror or e.__class__.__name__
 
 
-def _rel_parts(path: str) -> list[str]:
-    if not isinstance(path, str) or "\x00" in path:
-        raise TierError("invalid path")
-    if path.startswith("/") or path.startswith("\\") or re.match(r"^[A-Za-z]:", path):
-        raise TierError(f"absolute paths are not allowed: {path!r}")
-    parts = [p for p in PurePosixPath(path).parts if p not in ("", ".")]
-    if any(p == ".." for p in parts):
-        raise TierError(f"'..' is not allowed in paths: {path!r}")
-    return parts
-
-
 def _safe_existing(ws: Path, path: str) -> Path:
     """The path under ws, refusing any symbolic link on the way (so nothing resolves outside)."""
     cur = ws
@@ -946,16 +937,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _rmtree(p: Path) -> None:
-    try:
-        if p.is_symlink() or p.is_file():
-            p.unlink()
-        elif p.exists():
-            shutil.rmtree(p)
-    except FileNotFoundError:
-        pass
 
 
 # -- workspace files (shared by both fronts) --------------------------------------------------
