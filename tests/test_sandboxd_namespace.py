@@ -27,7 +27,7 @@ from sandboxd import cgroups, dnsstub, netplumb
 from sandboxd.tiers.base import Egress, Limits, SandboxSpec, TierError
 from sandboxd.tiers.namespace import NamespaceBackend
 from tests.support.gateway import start_gateway
-from tests.support.netns import _subnet_in_use, missing_prerequisites
+from tests.support.netns import SANDBOX_POLICY, _subnet_in_use, missing_prerequisites
 from tests.support.procs import free_port, start_upstreams
 
 pytestmark = pytest.mark.netns
@@ -35,18 +35,7 @@ pytestmark = pytest.mark.netns
 TENANT = "sbx"
 SID = "sb-ns-main"
 
-POLICY = """\
-apiVersion: egress/v1
-kind: Policy
-name: sandbox
-selector: principal.tenant == "sbx"
-rules:
-  - name: upstream-get
-    action: allow
-    when: request.method == "GET" && request.host == "upstream.test"
-    reason: Sandboxes may read from the test upstream.
-    allow_internal: ["127.0.0.0/8"]
-"""
+POLICY = SANDBOX_POLICY
 
 
 def _why_not() -> str | None:

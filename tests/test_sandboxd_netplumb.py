@@ -35,7 +35,7 @@ import pytest
 
 from sandboxd import dnsstub, netplumb
 from tests.support.gateway import GatewayProc, start_gateway
-from tests.support.netns import _subnet_in_use, missing_prerequisites
+from tests.support.netns import SANDBOX_POLICY, _subnet_in_use, missing_prerequisites
 from tests.support.procs import Upstreams, free_port, start_upstreams
 
 pytestmark = pytest.mark.netns
@@ -43,18 +43,7 @@ pytestmark = pytest.mark.netns
 TENANT = "sbx"
 SANDBOX_ID = "sb-netplumb-1"
 
-POLICY = """\
-apiVersion: egress/v1
-kind: Policy
-name: sandbox
-selector: principal.tenant == "sbx"
-rules:
-  - name: upstream-get
-    action: allow
-    when: request.method == "GET" && request.host == "upstream.test"
-    reason: Sandboxes may read from the test upstream.
-    allow_internal: ["127.0.0.0/8"]
-"""
+POLICY = SANDBOX_POLICY
 
 LISTENER = textwrap.dedent("""
     import json, socket, sys, threading

@@ -107,7 +107,7 @@ def compile_sources(sources: list[tuple[str, str]], engine=None) -> PolicySet:
     ps = PolicySet(policies, version=version_of(sources), engine=engine, files=[n for n, _ in sources])
     try:
         ps.fingerprint, ps.policy_fingerprints = fingerprints(sources)
-    except (yaml.YAMLError, ValueError, TypeError, AttributeError) as e:  # pragma: no cover - loaded above
+    except Exception as e:  # pragma: no cover - the sources loaded above; never let a reload fail open or crash
         raise PolicyLoadError([Problem(sources[0][0] if sources else "", 0, 0,
                                        f"cannot compute the policy fingerprint: {e}")]) from None
     return ps

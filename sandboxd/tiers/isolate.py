@@ -67,14 +67,15 @@ import os
 import re
 import shutil
 import ssl
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 from .base import Backend, Egress, ExecResult, OutputCallback, SandboxSpec, TierError
-from .paths import rel_parts as _rel_parts
+from .paths import get_file as _get_file
+from .paths import list_files as _list_files
+from .paths import put_file as _put_file
 from .paths import rmtree as _rmtree
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
@@ -914,22 +915,6 @@ def _oserr(e: OSError) -> str:
     return e.strerror or e.__class__.__name__
 
 
-def _safe_existing(ws: Path, path: str) -> Path:
-    """The path under ws, refusing any symbolic link on the way (so nothing resolves outside)."""
-    cur = ws
-    for p in _rel_parts(path):
-        cur = cur / p
-        if cur.is_symlink():
-            raise TierError(f"path {path!r} goes through a symbolic link")
-        if not cur.exists():
-            raise TierError(f"no such file or directory: {path!r}")
-    real_ws = os.path.realpath(ws)
-    real = os.path.realpath(cur)
-    if real != real_ws and not real.startswith(real_ws + os.sep):
-        raise TierError(f"path {path!r} escapes the workspace")
-    return cur
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -939,67 +924,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-# -- workspace files (shared by both fronts) --------------------------------------------------
-
-def _put_file(ws: Path, path: str, data: bytes, max_bytes: int) -> None:
-    if len(data) > max_bytes:
-        raise TierError(f"file too large ({len(data)} bytes > {max_bytes})")
-    parts = _rel_parts(path)
-    if not parts:
-        raise TierError("path names the workspace itself, not a file")
-    cur = ws
-    for p in parts[:-1]:
-        cur = cur / p
-        if cur.is_symlink():
-            raise TierError(f"path {path!r} goes through a symbolic link")
-        if not cur.exists():
-            cur.mkdir(mode=0o755)
-        elif not cur.is_dir():
-            raise TierError(f"path {path!r}: {p!r} is not a directory")
-    target = cur / parts[-1]
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise TierError(f"cannot write {path!r}: {_oserr(e)}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
-def _get_file(ws: Path, path: str, max_bytes: int) -> bytes:
-    target = _safe_existing(ws, path)
-    try:
-        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise TierError(f"cannot read {path!r}: {_oserr(e)}") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise TierError(f"cannot read {path!r}: not a regular file")
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise TierError(f"file {path!r} is larger than {max_bytes} bytes")
-    return data
-
-
-def _list_files(ws: Path, path: str) -> list[dict]:
-    base = _safe_existing(ws, path)
-    if base.is_symlink() or not base.is_dir():
-        raise TierError(f"{path!r} is not a directory")
-    entries: list[dict] = []
-    stack = [base]
-    while stack and len(entries) < 100_000:
-        d = stack.pop()
-        with os.scandir(d) as it:
-            for e in sorted(it, key=lambda e: e.name):
-                rel = Path(e.path).relative_to(ws).as_posix()
-                if e.is_symlink():
-                    continue  # never followed, never listed
-                if e.is_dir(follow_symlinks=False):
-                    entries.append({"path": rel, "size": 0, "type": "dir"})
-                    stack.append(Path(e.path))
-                elif e.is_file(follow_symlinks=False):
-                    entries.append({"path": rel, "size": e.stat(follow_symlinks=False).st_size, "type": "file"})
-    entries.sort(key=lambda x: x["path"])
-    return entries
+# workspace files: sandboxd.tiers.paths (shared with the namespace tier)
 
 
 def _clean_workspaces(ws_root: Path, keep: set[str]) -> None:

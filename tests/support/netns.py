@@ -31,6 +31,21 @@ from typing import Iterable, Sequence
 PREFIX = "10.231"
 
 
+# The policy of the sandboxd tests: tenant "sbx" may GET the loopback test upstream.
+SANDBOX_POLICY = """\
+apiVersion: egress/v1
+kind: Policy
+name: sandbox
+selector: principal.tenant == "sbx"
+rules:
+  - name: upstream-get
+    action: allow
+    when: request.method == "GET" && request.host == "upstream.test"
+    reason: Sandboxes may read from the test upstream.
+    allow_internal: ["127.0.0.0/8"]
+"""
+
+
 def missing_prerequisites() -> str | None:
     """Why the namespace tests cannot run here, or None."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
